@@ -1,0 +1,338 @@
+//! The command line: every flag, its environment variable, its default and its validation.
+//!
+//! Parsing only: this module opens no sockets and reads no files beyond checking that the
+//! files named exist. A value that cannot work is rejected here so that `main` can exit 2
+//! with a message that names the flag.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Top-level command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ecds-agent",
+    version,
+    about = "Sidecar that proxies Envoy's ADS to the control plane and turns remote Wasm modules \
+             (HTTP(S) / OCI) in ECDS into verified local files.",
+    long_about = None,
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: listen for Envoy, proxy ADS upstream, convert ECDS.
+    Run(Box<RunArgs>),
+    /// Pull one module into the cache and print its path and digest (pre-warm / debug).
+    Fetch(Box<FetchArgs>),
+    /// Run the built-in demo control plane (istiod stand-in) serving a WasmPlugin over ADS.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// Where Envoy connects: a Unix socket path or a TCP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// Parses `unix:/path` or `host:port`.
+pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix: needs a socket path, e.g. unix:/etc/istio/proxy/XDS".into());
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|e| {
+        format!("'{s}' is neither unix:/path nor host:port ({e}); e.g. 127.0.0.1:15010")
+    })
+}
+
+/// Parses the control plane URL: `http://host:port` or `https://host:port`.
+pub fn parse_upstream(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("'{s}' is not a URL ({e}); e.g. http://127.0.0.1:15010"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("'{s}' must start with http:// or https://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("'{s}' has no host"));
+    }
+    Ok(uri)
+}
+
+/// Parses a Go-style duration ("24h", "15s", "500ms", "1h30m").
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration ({e}); e.g. 15s, 1h, 500ms"))
+}
+
+fn parse_positive_u32(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("'{s}' is not a whole number ({e})")),
+    }
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|e| format!("'{s}' is not a byte count ({e})"))
+}
+
+fn existing_file(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_file() => Ok(p),
+        Ok(_) => Err(format!("'{s}' is not a file")),
+        Err(e) => Err(format!("cannot read '{s}': {e}")),
+    }
+}
+
+/// What Envoy gets when a module cannot be fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FetchFailureMode {
+    /// Deliver an allow-all / deny-all RBAC filter of the same name (per the plugin's failure
+    /// policy), NACK upstream and keep retrying in the background (Istio 1.25+ plus self-healing).
+    StandIn,
+    /// Deliver nothing for the failed resource and NACK upstream (Istio 1.24 behaviour);
+    /// background retries still deliver the module once it arrives.
+    NackOnly,
+}
+
+/// Flags of `ecds-agent run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Where Envoy connects: unix:/path (stale socket removed, mode 0666, parent created) or host:port.
+    #[arg(long, env = "ECDS_AGENT_LISTEN", default_value = "unix:/etc/istio/proxy/XDS",
+          value_parser = parse_listen, value_name = "ADDR")]
+    pub listen: ListenAddr,
+
+    /// The control plane: http://host:port (plaintext HTTP/2) or https://host:port (TLS).
+    #[arg(long, env = "ECDS_AGENT_UPSTREAM", default_value = "https://istiod.istio-system.svc:15012",
+          value_parser = parse_upstream, value_name = "URL")]
+    pub upstream: http::Uri,
+
+    /// PEM CA bundle that signs the control plane's certificate (https upstream); system roots if unset.
+    #[arg(long, env = "ECDS_AGENT_UPSTREAM_CA", value_parser = existing_file, value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// PEM client certificate for mTLS to the control plane (needs --client-key).
+    #[arg(long, env = "ECDS_AGENT_CLIENT_CERT", value_parser = existing_file, value_name = "FILE",
+          requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM private key for --client-cert.
+    #[arg(long, env = "ECDS_AGENT_CLIENT_KEY", value_parser = existing_file, value_name = "FILE",
+          requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+
+    /// TLS server name to verify on the control plane's certificate (default: the URL host).
+    #[arg(long, env = "ECDS_AGENT_UPSTREAM_SNI", value_name = "NAME")]
+    pub upstream_sni: Option<String>,
+
+    /// Admin HTTP server: /healthz/ready, /stats/prometheus, /stats, /debug/wasm.
+    #[arg(
+        long,
+        env = "ECDS_AGENT_ADMIN",
+        default_value = "127.0.0.1:15020",
+        value_name = "ADDR"
+    )]
+    pub admin: SocketAddr,
+
+    /// Convert ECDS Wasm resources (false = pass ECDS through untouched, like Istio's
+    /// ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION=false).
+    #[arg(long, env = "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub wasm_conversion: bool,
+
+    /// What Envoy receives for a module that cannot be fetched.
+    #[arg(long, env = "ECDS_AGENT_FETCH_FAILURE", value_enum, default_value_t = FetchFailureMode::StandIn)]
+    pub fetch_failure: FetchFailureMode,
+
+    /// Longest wait between background retries of a failed module (retries start at 1s and double).
+    #[arg(long, env = "ECDS_AGENT_RETRY_MAX_BACKOFF", default_value = "60s", value_parser = parse_duration,
+          value_name = "DURATION")]
+    pub retry_max_backoff: Duration,
+
+    /// How long open streams may drain on SIGTERM/SIGINT before the agent exits anyway.
+    #[arg(long, env = "ECDS_AGENT_SHUTDOWN_GRACE", default_value = "3s", value_parser = parse_duration,
+          value_name = "DURATION")]
+    pub shutdown_grace: Duration,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// Flags shared by `run` and `fetch`: the module cache and its fetchers.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Directory of the module cache (content-addressed files plus index.json).
+    #[arg(
+        long,
+        env = "ECDS_AGENT_CACHE_DIR",
+        default_value = "/var/lib/istio/data",
+        value_name = "DIR"
+    )]
+    pub cache_dir: PathBuf,
+
+    /// Comma-separated registry hosts (host or host:port, `*` = all) reached over TLS without
+    /// verification, or over plain HTTP if they do not speak TLS. Other hosts: verified TLS only.
+    #[arg(
+        long,
+        env = "WASM_INSECURE_REGISTRIES",
+        default_value = "",
+        value_name = "HOSTS"
+    )]
+    pub insecure_registries: String,
+
+    /// A module unused for this long is removed (never while a live ECDS resource uses it); 0 = 24h.
+    #[arg(long, env = "WASM_MODULE_EXPIRY", default_value = "24h", value_parser = parse_duration,
+          value_name = "DURATION")]
+    pub module_expiry: Duration,
+
+    /// How often expired modules are purged; 0 = 1h.
+    #[arg(long, env = "WASM_PURGE_INTERVAL", default_value = "1h", value_parser = parse_duration,
+          value_name = "DURATION")]
+    pub purge_interval: Duration,
+
+    /// Timeout of one HTTP(S) request (the whole fetch is bounded by the resource's http_uri.timeout).
+    #[arg(long, env = "WASM_HTTP_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration,
+          value_name = "DURATION")]
+    pub http_timeout: Duration,
+
+    /// Attempts per HTTP(S) download (transport errors and retryable 5xx are retried with backoff).
+    #[arg(long, env = "WASM_HTTP_REQUEST_MAX_RETRIES", default_value = "5", value_parser = parse_positive_u32,
+          value_name = "N")]
+    pub http_max_attempts: u32,
+
+    /// Largest module accepted, in bytes (compressed or not); larger is an error, never truncated.
+    #[arg(long, env = "ISTIO_WASM_MAX_BINARY_SIZE_BYTES", default_value = "268435456",
+          value_parser = parse_bytes, value_name = "BYTES")]
+    pub max_module_bytes: u64,
+
+    /// Byte budget of the cache; least recently used modules not in use are evicted past it (0 = none).
+    #[arg(long, env = "ECDS_AGENT_CACHE_MAX_BYTES", default_value = "0", value_parser = parse_bytes,
+          value_name = "BYTES")]
+    pub cache_max_bytes: u64,
+
+    /// Extra PEM CA bundle trusted for HTTPS module servers and OCI registries (besides system roots).
+    #[arg(long, env = "ECDS_AGENT_FETCH_CA", value_parser = existing_file, value_name = "FILE")]
+    pub fetch_ca: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    /// The insecure list, trimmed, empty entries dropped.
+    pub fn insecure_list(&self) -> Vec<String> {
+        self.insecure_registries
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Expiry with Istio's "0 means default".
+    pub fn effective_expiry(&self) -> Duration {
+        if self.module_expiry.is_zero() {
+            Duration::from_secs(24 * 3600)
+        } else {
+            self.module_expiry
+        }
+    }
+
+    /// Purge interval with Istio's "0 means default".
+    pub fn effective_purge_interval(&self) -> Duration {
+        if self.purge_interval.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            self.purge_interval
+        }
+    }
+}
+
+/// Flags of `ecds-agent fetch`.
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Module URL: oci://host[:port]/repo[:tag|@sha256:digest], http://… or https://…
+    #[arg(value_name = "URL")]
+    pub url: String,
+
+    /// Expected sha256 (hex) of the module, or for OCI also of the manifest.
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+
+    /// Docker config JSON file with registry credentials (the content of a .dockerconfigjson secret).
+    #[arg(long, value_parser = existing_file, value_name = "FILE")]
+    pub pull_secret: Option<PathBuf>,
+
+    /// Pull even if a cached copy exists (IfNotPresent = reuse).
+    #[arg(long, value_enum, default_value_t = FetchPolicy::IfNotPresent)]
+    pub pull_policy: FetchPolicy,
+
+    /// Deadline for the whole fetch.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FetchPolicy {
+    IfNotPresent,
+    Always,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(
+            parse_listen("unix:/tmp/x").unwrap(),
+            ListenAddr::Unix("/tmp/x".into())
+        );
+        assert_eq!(
+            parse_listen("127.0.0.1:1").unwrap(),
+            ListenAddr::Tcp("127.0.0.1:1".parse().unwrap())
+        );
+        assert!(parse_listen("unix:").is_err());
+        assert!(parse_listen("nonsense").is_err());
+    }
+
+    #[test]
+    fn upstream_forms() {
+        assert!(parse_upstream("http://127.0.0.1:15010").is_ok());
+        assert!(parse_upstream("https://istiod:15012").is_ok());
+        assert!(parse_upstream("grpc://x:1").is_err());
+        assert!(parse_upstream("127.0.0.1:15010").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("soon").is_err());
+    }
+}

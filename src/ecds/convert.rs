@@ -1,0 +1,269 @@
+//! Converting one ECDS resource: a `TypedExtensionConfig` holding a Wasm filter with remote
+//! code becomes the same resource with `code.local.filename` pointing into the cache. On
+//! failure the caller gets a stand-in and, where retrying can help, a [`HealJob`] that
+//! [`Converter::heal`] runs until the module arrives.
+//!
+//! Knows resources, not streams: what to deliver and what to NACK is decided by `xds`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    async_data_source, data_source, AsyncDataSource, DataSource, TypedExtensionConfig,
+};
+use envoy_types::pb::google::protobuf::Any;
+use metrics::counter;
+use prost::Message;
+use rand::Rng;
+
+use super::env::take_hints;
+use super::standin;
+use super::wasm_filter::{classify, WasmFilter};
+use crate::admin::metrics as m;
+use crate::config::FetchFailureMode;
+use crate::proto::type_url;
+use crate::wasm::{Cache, GetOptions, Module};
+
+/// Istio's default when `http_uri.timeout` is absent.
+const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const HEAL_INITIAL: Duration = Duration::from_secs(1);
+
+/// The `result` label of `istio_agent_wasm_config_conversion_count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConversionResult {
+    Success,
+    NoRemoteLoad,
+    MarshalFailure,
+    UnmarshalFailure,
+    FetchFailure,
+    MissRemoteFetchHint,
+}
+
+impl ConversionResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            ConversionResult::Success => "success",
+            ConversionResult::NoRemoteLoad => "no_remote_load",
+            ConversionResult::MarshalFailure => "marshal_failure",
+            ConversionResult::UnmarshalFailure => "unmarshal_failure",
+            ConversionResult::FetchFailure => "fetch_failure",
+            ConversionResult::MissRemoteFetchHint => "miss_remote_fetch_hint",
+        }
+    }
+}
+
+/// Everything needed to fetch the module again and rebuild the resource.
+#[derive(Clone)]
+pub struct HealJob {
+    pub name: String,
+    pub url: String,
+    filter: WasmFilter,
+    opts: GetOptions,
+}
+
+/// What became of one resource.
+pub enum Outcome {
+    /// Not Wasm, or Wasm with local code: deliver as received.
+    Unchanged { name: String },
+    /// Remote code replaced by a local file.
+    Converted {
+        name: String,
+        any: Any,
+        module: Module,
+    },
+    /// The module could not be had. `standin` (absent in nack-only mode) goes to Envoy;
+    /// `heal`, when present, can fetch it later.
+    FetchFailed {
+        name: String,
+        standin: Option<Any>,
+        error: String,
+        result: ConversionResult,
+        heal: Option<Box<HealJob>>,
+    },
+    /// Malformed: nothing is delivered for it and the control plane is told.
+    Rejected { name: Option<String>, error: String },
+}
+
+impl Outcome {
+    pub fn result(&self) -> ConversionResult {
+        match self {
+            Outcome::Unchanged { .. } => ConversionResult::NoRemoteLoad,
+            Outcome::Converted { .. } => ConversionResult::Success,
+            Outcome::FetchFailed { result, .. } => *result,
+            Outcome::Rejected { .. } => ConversionResult::UnmarshalFailure,
+        }
+    }
+}
+
+pub struct Converter {
+    cache: Arc<Cache>,
+    mode: FetchFailureMode,
+    max_backoff: Duration,
+}
+
+fn wrap(name: &str, typed_config: Any) -> Any {
+    Any {
+        type_url: type_url::ECDS.into(),
+        value: TypedExtensionConfig {
+            name: name.to_owned(),
+            typed_config: Some(typed_config),
+        }
+        .encode_to_vec(),
+    }
+}
+
+/// The filter with its code pointed at `module`.
+fn rewrite(filter: &WasmFilter, name: &str, module: &Module) -> Any {
+    let mut filter = filter.clone();
+    if let Some(vm) = filter.vm_config_mut() {
+        vm.code = Some(AsyncDataSource {
+            specifier: Some(async_data_source::Specifier::Local(DataSource {
+                specifier: Some(data_source::Specifier::Filename(
+                    module.path.to_string_lossy().into_owned(),
+                )),
+                ..Default::default()
+            })),
+        });
+    }
+    wrap(name, filter.encode())
+}
+
+impl Converter {
+    pub fn new(cache: Arc<Cache>, mode: FetchFailureMode, max_backoff: Duration) -> Self {
+        Self {
+            cache,
+            mode,
+            max_backoff: max_backoff.max(HEAL_INITIAL),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Converts one resource (an `Any` from an ECDS response) and counts the result.
+    pub async fn convert(&self, resource: &Any) -> Outcome {
+        let outcome = self.convert_inner(resource).await;
+        counter!(m::CONVERSION_COUNT, "result" => outcome.result().label()).increment(1);
+        outcome
+    }
+
+    async fn convert_inner(&self, resource: &Any) -> Outcome {
+        let reject = |name: Option<String>, error: String| Outcome::Rejected { name, error };
+        if resource.type_url != type_url::ECDS {
+            return reject(
+                None,
+                format!(
+                    "resource of type {:?} is not a TypedExtensionConfig",
+                    resource.type_url
+                ),
+            );
+        }
+        let tec = match TypedExtensionConfig::decode(resource.value.as_slice()) {
+            Ok(t) => t,
+            Err(e) => return reject(None, format!("cannot decode TypedExtensionConfig: {e}")),
+        };
+        let name = tec.name;
+        let Some(typed_config) = tec.typed_config else {
+            return reject(Some(name), "does not contain any typed config".into());
+        };
+        let mut filter = match classify(&typed_config) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Outcome::Unchanged { name },
+            Err(e) => return reject(Some(name), e),
+        };
+        let fail_open = filter.fail_open();
+        let kind = filter.kind;
+        let Some(vm) = filter.vm_config_mut() else {
+            return reject(Some(name), "Wasm filter has no vm_config".into());
+        };
+        let remote = match vm.code.as_ref().and_then(|c| c.specifier.as_ref()) {
+            Some(async_data_source::Specifier::Remote(r)) => r.clone(),
+            Some(async_data_source::Specifier::Local(_)) => return Outcome::Unchanged { name },
+            None => {
+                return reject(
+                    Some(name),
+                    "Wasm filter has no remote and no local code".into(),
+                )
+            }
+        };
+        let hints = take_hints(vm);
+        let fail = |error: String, result, heal| Outcome::FetchFailed {
+            standin: (self.mode == FetchFailureMode::StandIn)
+                .then(|| standin::resource(&name, kind, fail_open)),
+            name: name.clone(),
+            error,
+            result,
+            heal,
+        };
+        let Some(http_uri) = remote.http_uri else {
+            return fail(
+                "remote code has no http_uri".into(),
+                ConversionResult::MissRemoteFetchHint,
+                None,
+            );
+        };
+        let url = http_uri.uri;
+        if hints.pull_secret.as_deref() == Some("") {
+            return fail(
+                format!("{}: missing image pulling secret (the Secret named by imagePullSecret is missing or not of type kubernetes.io/dockerconfigjson)", crate::wasm::error::redact(&url)),
+                ConversionResult::FetchFailure,
+                None,
+            );
+        }
+        let timeout = http_uri
+            .timeout
+            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .filter(|d| !d.is_zero())
+            .unwrap_or(DEFAULT_FETCH_TIMEOUT);
+        let opts = GetOptions {
+            sha256: Some(remote.sha256).filter(|s| !s.is_empty()),
+            resource_name: name.clone(),
+            resource_version: hints.resource_version,
+            pull_policy: hints.pull_policy,
+            pull_secret: hints.pull_secret.map(String::into_bytes),
+            timeout,
+        };
+        match self.cache.get(&url, opts.clone()).await {
+            Ok(module) => Outcome::Converted {
+                any: rewrite(&filter, &name, &module),
+                name,
+                module,
+            },
+            Err(e) => {
+                let heal = e.is_transient().then(|| {
+                    Box::new(HealJob {
+                        name: name.clone(),
+                        url: url.clone(),
+                        filter: filter.clone(),
+                        opts,
+                    })
+                });
+                fail(e.to_string(), ConversionResult::FetchFailure, heal)
+            }
+        }
+    }
+
+    /// Fetches the module of `job` until it arrives (exponential backoff with jitter, capped),
+    /// then returns the converted resource. Cancel by dropping the future.
+    pub async fn heal(&self, job: &HealJob) -> (Any, Module) {
+        let mut delay = HEAL_INITIAL;
+        loop {
+            let pause = delay.mul_f64(rand::rng().random_range(0.8..1.2));
+            self.cache.note_retry(&job.url, pause);
+            tokio::time::sleep(pause).await;
+            counter!(m::HEAL_ATTEMPTS).increment(1);
+            match self.cache.get(&job.url, job.opts.clone()).await {
+                Ok(module) => {
+                    counter!(m::CONVERSION_COUNT, "result" => ConversionResult::Success.label())
+                        .increment(1);
+                    return (rewrite(&job.filter, &job.name, &module), module);
+                }
+                Err(e) => {
+                    tracing::info!(resource = %job.name, error = %e, "background retry failed")
+                }
+            }
+            delay = (delay * 2).min(self.max_backoff);
+        }
+    }
+}

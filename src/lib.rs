@@ -1,0 +1,25 @@
+//! ecds-agent: a sidecar between Envoy and its xDS control plane that makes remote
+//! WebAssembly extensions work.
+//!
+//! Data flows one way through the crate:
+//!
+//! ```text
+//! Envoy ──ADS──▶ xds (proxy streams) ──ADS──▶ control plane
+//!                  │ ECDS responses only
+//!                  ▼
+//!                ecds (decode, rewrite remote→local, stand-ins, NACK text)
+//!                  │ module URL + options
+//!                  ▼
+//!                wasm (HTTP/OCI fetchers, verification, on-disk cache)
+//! ```
+//!
+//! `admin` serves health, metrics and debug pages; `config` owns the command line.
+//! `demo` is a small istiod-like control plane used by `make demo` and the end-to-end tests.
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod ecds;
+pub mod proto;
+pub mod wasm;
+pub mod xds;

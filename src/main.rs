@@ -1,0 +1,228 @@
+//! The binary's edge: parse flags, set up logging, run a subcommand, map failures to exit
+//! codes (2: bad flag or unusable value/address; 1: runtime failure; 0: clean exit).
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use ecds_agent::admin::{self, AdminState};
+use ecds_agent::config::{Cli, Command, FetchArgs, FetchPolicy, RunArgs};
+use ecds_agent::ecds::Converter;
+use ecds_agent::wasm::{Cache, CacheConfig, GetOptions, PullPolicy};
+use ecds_agent::xds::{self, listen, upstream, ProxyContext};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// A failure and the exit code it deserves.
+enum Failure {
+    /// A flag or value that cannot work: exit 2.
+    Usage(String),
+    /// Something went wrong at run time: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ecds-agent: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(*args).await,
+            Command::Fetch(args) => fetch(*args).await,
+            Command::Demo(args) => ecds_agent::demo::run(args).await.map_err(Failure::Runtime),
+        }
+    });
+    // Do not wait for lingering tasks (streams, retries) once the command is done.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("ecds-agent: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("ecds-agent: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn open_cache(args: &ecds_agent::config::CacheArgs) -> Result<Arc<Cache>, Failure> {
+    let cfg = CacheConfig::from_args(args).map_err(Failure::Usage)?;
+    Cache::open(cfg)
+        .await
+        .map_err(|e| Failure::Usage(format!("--cache-dir {}: {e}", args.cache_dir.display())))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> Result<(), Failure> {
+    admin::metrics::install();
+    admin::metrics::describe();
+    let tls = upstream::UpstreamTls {
+        ca: args.upstream_ca.clone(),
+        client_cert: args.client_cert.clone(),
+        client_key: args.client_key.clone(),
+        server_name: args.upstream_sni.clone(),
+    };
+    let up = upstream::Upstream::new(args.upstream.clone(), &tls)
+        .map_err(|e| Failure::Usage(format!("--upstream: {e}")))?;
+    let admin_listener = admin::bind(args.admin).await.map_err(Failure::Usage)?;
+    let bound = listen::bind(&args.listen)
+        .await
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+
+    let (cache, converter) = if args.wasm_conversion {
+        let cache = open_cache(&args.cache).await?;
+        let conv = Arc::new(Converter::new(
+            cache.clone(),
+            args.fetch_failure,
+            args.retry_max_backoff,
+        ));
+        (Some(cache), Some(conv))
+    } else {
+        (None, None)
+    };
+    let purger = cache.as_ref().map(|c| c.spawn_purger());
+
+    let state = AdminState::new(cache.clone());
+    let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ctx = Arc::new(ProxyContext::new(up, converter, shutdown_rx.clone()));
+    let mut stop = shutdown_rx.clone();
+    let mut server = tokio::spawn(xds::serve(bound, ctx, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    state.ready.store(true, Ordering::Relaxed);
+    info!(listen = %args.listen, upstream = %args.upstream, admin = %args.admin,
+          conversion = args.wasm_conversion, "ecds-agent ready");
+
+    let early_end = tokio::select! {
+        _ = shutdown_signal() => None,
+        r = &mut server => Some(r),
+    };
+    state.ready.store(false, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    let result = match early_end {
+        Some(Ok(Ok(()))) => Ok(()),
+        Some(Ok(Err(e))) => Err(Failure::Runtime(anyhow::anyhow!("xDS server failed: {e}"))),
+        Some(Err(e)) => Err(Failure::Runtime(anyhow::anyhow!(
+            "xDS server task failed: {e}"
+        ))),
+        None => {
+            match tokio::time::timeout(args.shutdown_grace, &mut server).await {
+                Ok(_) => info!("streams drained"),
+                Err(_) => {
+                    warn!(grace = ?args.shutdown_grace, "streams still open after the grace period; exiting");
+                    server.abort();
+                }
+            }
+            Ok(())
+        }
+    };
+    if let Some(p) = purger {
+        p.abort();
+    }
+    if let Some(c) = &cache {
+        c.save().await;
+    }
+    admin_task.abort();
+    result
+}
+
+async fn fetch(args: FetchArgs) -> Result<(), Failure> {
+    let cache = open_cache(&args.cache).await?;
+    let pull_secret = match &args.pull_secret {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|e| Failure::Usage(format!("--pull-secret {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let opts = GetOptions {
+        sha256: args.sha256.clone(),
+        resource_name: "ecds-agent-fetch".into(),
+        resource_version: match args.pull_policy {
+            // A version never seen before forces a pull under Always.
+            FetchPolicy::Always => format!("{:?}", std::time::SystemTime::now()),
+            FetchPolicy::IfNotPresent => String::new(),
+        },
+        pull_policy: match args.pull_policy {
+            FetchPolicy::Always => PullPolicy::Always,
+            FetchPolicy::IfNotPresent => PullPolicy::IfNotPresent,
+        },
+        pull_secret,
+        timeout: args.timeout,
+    };
+    let module = cache
+        .get(&args.url, opts)
+        .await
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!(e)))?;
+    println!("path: {}", module.path.display());
+    println!("sha256: {}", module.sha256);
+    if let Some(d) = &module.oci_digest {
+        println!("oci_digest: {d}");
+    }
+    println!("size: {}", module.size);
+    if let Some(m) = module.matched {
+        println!(
+            "matched: {}",
+            serde_json::to_value(m)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "source: {}",
+        if module.fetched { "network" } else { "cache" }
+    );
+    Ok(())
+}

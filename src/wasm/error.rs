@@ -1,0 +1,123 @@
+//! Why a module could not be had. Every variant names the (redacted) URL and the exact cause;
+//! none carries credentials. Errors are `Clone` because one download may answer many waiters.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("invalid module URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+
+    #[error("download {url} failed after {attempts} attempt(s): {last}")]
+    Download {
+        url: String,
+        attempts: u32,
+        last: String,
+    },
+
+    #[error("fetch {url} timed out after {timeout:?} ({stage})")]
+    Timeout {
+        url: String,
+        timeout: Duration,
+        stage: &'static str,
+    },
+
+    #[error("OCI manifest {url}: {reason}")]
+    Manifest { url: String, reason: String },
+
+    #[error("OCI registry refused access to {url}: {reason}")]
+    Auth { url: String, reason: String },
+
+    #[error("OCI image {url} holds no Wasm module: {reason}")]
+    Layout { url: String, reason: String },
+
+    #[error("OCI blob of {url}: {reason}")]
+    Blob { url: String, reason: String },
+
+    #[error("module from {url} does not match sha256 {want}: got module sha256 {got}{}",
+            .digest.as_ref().map(|d| format!(" and manifest digest {d}")).unwrap_or_default())]
+    Checksum {
+        url: String,
+        want: String,
+        got: String,
+        digest: Option<String>,
+    },
+
+    #[error("module from {url} is not valid Wasm: {reason}")]
+    Invalid { url: String, reason: String },
+
+    #[error("module from {url} is larger than the limit of {limit} bytes ({what})")]
+    TooLarge {
+        url: String,
+        limit: u64,
+        what: String,
+    },
+
+    #[error("pull secret for {url} is unusable: {reason}")]
+    Secret { url: String, reason: String },
+
+    #[error("cache write for {url} failed: {reason}")]
+    Io { url: String, reason: String },
+}
+
+impl FetchError {
+    /// The `result` label of `istio_agent_wasm_remote_fetch_count`, or `None` when the error
+    /// happened before any network I/O (nothing was fetched).
+    pub fn fetch_result(&self) -> Option<&'static str> {
+        match self {
+            FetchError::BadUrl { .. } | FetchError::Secret { .. } => None,
+            FetchError::Manifest { .. } | FetchError::Auth { .. } => Some("manifest_failure"),
+            FetchError::Checksum { .. } => Some("checksum_mismatched"),
+            FetchError::Invalid { .. } | FetchError::TooLarge { .. } | FetchError::Io { .. } => {
+                Some("fetch_failure")
+            }
+            FetchError::Download { .. }
+            | FetchError::Timeout { .. }
+            | FetchError::Layout { .. }
+            | FetchError::Blob { .. } => Some("download_failure"),
+        }
+    }
+
+    /// Whether retrying later can help (a wrong URL or a checksum mismatch will not fix itself
+    /// unless someone changes the registry, so those are retried too, but more slowly).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, FetchError::BadUrl { .. } | FetchError::Secret { .. })
+    }
+}
+
+/// A URL fit for logs and NACKs: no user-info, no query string (pre-signed URLs carry tokens).
+pub fn redact(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else {
+        // Not parseable: drop anything after '?' and any user-info before '@'.
+        let no_query = url.split('?').next().unwrap_or(url);
+        return match (no_query.find("://"), no_query.rfind('@')) {
+            (Some(s), Some(a)) if a > s => format!("{}{}", &no_query[..s + 3], &no_query[a + 1..]),
+            _ => no_query.to_owned(),
+        };
+    };
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let had_query = u.query().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
+    let mut s = u.to_string();
+    if had_query {
+        s.push_str("?<redacted>");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redacts_secrets() {
+        assert_eq!(
+            redact("https://u:p@h.example/x.wasm?sig=abc"),
+            "https://h.example/x.wasm?<redacted>"
+        );
+        assert_eq!(redact("oci://reg:5000/a/b:v1"), "oci://reg:5000/a/b:v1");
+        assert_eq!(redact("oci://user:pw@reg/a?x=1"), "oci://reg/a?<redacted>");
+    }
+}

@@ -1,0 +1,222 @@
+//! HTTP(S) fetcher: bounded attempts with exponential backoff and jitter inside the caller's
+//! deadline, retrying only transport errors and retryable statuses; redirects and the proxy
+//! environment (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) are honoured by reqwest; the body is
+//! read under the size cap.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::error::{redact, FetchError};
+use super::tls::FetchTls;
+
+/// Retry settings (Istio's WASM_HTTP_REQUEST_* meaning).
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub request_timeout: Duration,
+    pub max_attempts: u32,
+    pub max_bytes: u64,
+}
+
+pub struct HttpFetcher {
+    secure: reqwest::Client,
+    insecure: reqwest::Client,
+    tls: FetchTls,
+    opts: HttpOptions,
+}
+
+enum Attempt {
+    Retry(String),
+    Fatal(FetchError),
+}
+
+const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Backoff before attempt `n + 1` (n ≥ 1): 0.5 s × 1.5^(n-1), ±50 % jitter, capped at 60 s.
+fn backoff(n: u32) -> Duration {
+    let base = BACKOFF_INITIAL.as_secs_f64() * 1.5f64.powi(n.saturating_sub(1) as i32);
+    let jitter = rand::rng().random_range(0.5..1.5);
+    Duration::from_secs_f64((base * jitter).min(BACKOFF_MAX.as_secs_f64()))
+}
+
+fn retryable_status(code: u16) -> bool {
+    matches!(code, 408 | 429) || (code >= 500 && !matches!(code, 501 | 505 | 511))
+}
+
+impl HttpFetcher {
+    pub fn new(tls: FetchTls, opts: HttpOptions) -> Result<Self, String> {
+        let build = |insecure: bool| {
+            let mut b = reqwest::Client::builder()
+                .user_agent(concat!("ecds-agent/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::limited(10));
+            for c in tls.roots() {
+                b = b.add_root_certificate(c.clone());
+            }
+            if insecure {
+                b = b.danger_accept_invalid_certs(true);
+            }
+            b.build().map_err(|e| format!("HTTP client: {e}"))
+        };
+        Ok(Self {
+            secure: build(false)?,
+            insecure: build(true)?,
+            tls,
+            opts,
+        })
+    }
+
+    /// Downloads `url` (raw body, not unboxed) before `deadline`.
+    pub async fn fetch(
+        &self,
+        url: &reqwest::Url,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, FetchError> {
+        let shown = redact(url.as_str());
+        let host = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            _ => String::new(),
+        };
+        let client = if self.tls.is_insecure(&host) {
+            &self.insecure
+        } else {
+            &self.secure
+        };
+        let total = deadline.saturating_duration_since(Instant::now());
+        let mut last = String::from("no attempt made: the deadline had already passed");
+        let mut attempts = 0;
+        for n in 1..=self.opts.max_attempts {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            attempts = n;
+            match self
+                .attempt(
+                    client,
+                    url,
+                    &shown,
+                    remaining.min(self.opts.request_timeout),
+                )
+                .await
+            {
+                Ok(body) => return Ok(body),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(why)) => {
+                    tracing::debug!(url = %shown, attempt = n, error = %why, "download attempt failed");
+                    last = why;
+                }
+            }
+            if n == self.opts.max_attempts {
+                break;
+            }
+            let pause = backoff(n);
+            if Instant::now() + pause >= deadline {
+                return Err(FetchError::Timeout {
+                    url: shown,
+                    timeout: total,
+                    stage: "no time left for another attempt",
+                });
+            }
+            tokio::time::sleep(pause).await;
+        }
+        Err(FetchError::Download {
+            url: shown,
+            attempts,
+            last,
+        })
+    }
+
+    async fn attempt(
+        &self,
+        client: &reqwest::Client,
+        url: &reqwest::Url,
+        shown: &str,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, Attempt> {
+        let resp = client
+            .get(url.clone())
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry(describe(&e)))?;
+        let status = resp.status();
+        if status != reqwest::StatusCode::OK {
+            let why = format!("HTTP status {status}");
+            return Err(if retryable_status(status.as_u16()) {
+                Attempt::Retry(why)
+            } else {
+                Attempt::Fatal(FetchError::Download {
+                    url: shown.to_owned(),
+                    attempts: 1,
+                    last: why,
+                })
+            });
+        }
+        let limit = self.opts.max_bytes;
+        let too_large = |what: String| {
+            Attempt::Fatal(FetchError::TooLarge {
+                url: shown.to_owned(),
+                limit,
+                what,
+            })
+        };
+        if let Some(len) = resp.content_length().filter(|l| *l > limit) {
+            return Err(too_large(format!("Content-Length {len}")));
+        }
+        let mut body = Vec::new();
+        let mut chunks = resp.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| Attempt::Retry(describe(&e)))?;
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(too_large("body kept coming past the limit".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+/// A reqwest error without the URL (which may carry secrets), with its causes.
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    let mut s = kind.to_owned();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert!(backoff(1) <= Duration::from_millis(750));
+        assert!(backoff(1) >= Duration::from_millis(250));
+        assert!(backoff(40) <= BACKOFF_MAX);
+    }
+
+    #[test]
+    fn statuses() {
+        assert!(retryable_status(500) && retryable_status(503) && retryable_status(429));
+        assert!(!retryable_status(501) && !retryable_status(404) && !retryable_status(401));
+    }
+}

@@ -1,0 +1,28 @@
+//! Wasm modules: fetchers (HTTP(S), OCI), verification and the on-disk cache.
+//!
+//! Independent of xDS: this module knows URLs, checksums, pull policies and files, and nothing
+//! about Envoy or ECDS. The single entry point is [`Cache::get`].
+//!
+//! * `url`    — parsing module URLs
+//! * `http`   — HTTP(S) fetcher (retries, backoff, size cap)
+//! * `oci`    — OCI fetcher (manifest/index resolution, three image layouts)
+//! * `secret` — docker config JSON pull secrets
+//! * `tls`    — extra CA roots and the insecure registry list
+//! * `unbox`  — gzip / tar unwrapping with caps
+//! * `verify` — sha256 and Wasm validation
+//! * `store`  — atomic files and the persistent index
+//! * `cache`  — lookups, pull policy, single-flight, pins, purge, LRU
+
+pub mod cache;
+pub mod error;
+pub mod http;
+pub mod oci;
+pub mod secret;
+pub mod store;
+pub mod tls;
+pub mod unbox;
+pub mod url;
+pub mod verify;
+
+pub use cache::{Cache, CacheConfig, GetOptions, Matched, Module, PullPolicy};
+pub use error::FetchError;

@@ -1,0 +1,286 @@
+//! The cache on disk: content-addressed module files plus an `index.json` that survives
+//! restarts. All writes go to a temporary file that is fsynced and then renamed into place, so
+//! no reader ever sees a partial module and a crash leaves no corrupt entry.
+//!
+//! Layout under the cache directory:
+//! * `modules/<sha256>.wasm` — the module, named by the sha256 of its bytes (mode 0644);
+//! * `index.json` — which URLs and OCI digests map to which module, last use, resource
+//!   versions (mode 0600: URLs may carry tokens);
+//! * `tmp/` — in-flight writes, emptied at start-up.
+//!
+//! Blocking I/O only; callers run it on the blocking pool.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::verify::sha256_hex;
+
+/// One cached module.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ModuleEntry {
+    pub size: u64,
+    /// URLs this module was fetched from.
+    #[serde(default)]
+    pub urls: BTreeSet<String>,
+    /// OCI image manifest (and index) digests that resolve to this module.
+    #[serde(default)]
+    pub oci_digests: BTreeSet<String>,
+    /// Unix seconds.
+    pub last_used: u64,
+    pub fetched_at: u64,
+}
+
+/// What the cache remembers about one URL (for pull policies).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct UrlEntry {
+    pub sha256: String,
+    #[serde(default)]
+    pub oci_digest: Option<String>,
+    /// Resource name → last resource version seen with this URL.
+    #[serde(default)]
+    pub versions: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Index {
+    #[serde(default)]
+    pub modules: BTreeMap<String, ModuleEntry>,
+    #[serde(default)]
+    pub urls: BTreeMap<String, UrlEntry>,
+}
+
+/// Result of opening the store: what was found and what was cleaned.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    pub kept: usize,
+    pub dropped_corrupt: usize,
+    pub adopted: usize,
+    pub removed_partials: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+fn io_ctx(what: &str, path: &Path, e: std::io::Error) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Store {
+    pub fn module_path(&self, sha: &str) -> PathBuf {
+        self.dir.join("modules").join(format!("{sha}.wasm"))
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.dir.join("index.json")
+    }
+
+    fn tmp_path(&self, label: &str) -> PathBuf {
+        let n: u64 = rand::random();
+        self.dir.join("tmp").join(format!("{label}.{n:016x}.part"))
+    }
+
+    /// Opens (creating) the cache directory, loads the index, drops entries whose file is gone
+    /// or does not hash to its name, adopts valid module files the index lost, and empties `tmp/`.
+    pub fn open(dir: &Path) -> Result<(Store, Index, OpenReport), String> {
+        for sub in ["modules", "tmp"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(|e| io_ctx("cannot create", &p, e))?;
+        }
+        let store = Store {
+            dir: dir.to_owned(),
+        };
+        let mut report = OpenReport::default();
+        if let Ok(rd) = fs::read_dir(dir.join("tmp")) {
+            for e in rd.flatten() {
+                if fs::remove_file(e.path()).is_ok() {
+                    report.removed_partials += 1;
+                }
+            }
+        }
+        let mut index: Index = match fs::read(store.index_path()) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cache index unreadable; rebuilding it from the module files");
+                Index::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index::default(),
+            Err(e) => return Err(io_ctx("cannot read", &store.index_path(), e)),
+        };
+        // Verify every indexed module.
+        let shas: Vec<String> = index.modules.keys().cloned().collect();
+        for sha in shas {
+            let ok = fs::read(store.module_path(&sha))
+                .map(|b| sha256_hex(&b) == sha)
+                .unwrap_or(false);
+            if ok {
+                report.kept += 1;
+            } else {
+                index.modules.remove(&sha);
+                let _ = fs::remove_file(store.module_path(&sha));
+                report.dropped_corrupt += 1;
+            }
+        }
+        index
+            .urls
+            .retain(|_, u| index.modules.contains_key(&u.sha256));
+        // Adopt module files the index does not know (e.g. a crash between rename and index write).
+        let mdir = dir.join("modules");
+        let rd = fs::read_dir(&mdir).map_err(|e| io_ctx("cannot list", &mdir, e))?;
+        for e in rd.flatten() {
+            let path = e.path();
+            let Some(sha) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".wasm"))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            if index.modules.contains_key(&sha) {
+                continue;
+            }
+            match fs::read(&path) {
+                Ok(b) if sha256_hex(&b) == sha => {
+                    let now = now_secs();
+                    index.modules.insert(
+                        sha,
+                        ModuleEntry {
+                            size: b.len() as u64,
+                            last_used: now,
+                            fetched_at: now,
+                            ..Default::default()
+                        },
+                    );
+                    report.adopted += 1;
+                }
+                _ => {
+                    let _ = fs::remove_file(&path);
+                    report.dropped_corrupt += 1;
+                }
+            }
+        }
+        Ok((store, index, report))
+    }
+
+    fn write_atomic(&self, final_path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+        let label = final_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("file")
+            .to_owned();
+        let tmp = self.tmp_path(&label);
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)
+                .map_err(|e| io_ctx("cannot create", &tmp, e))?;
+            f.write_all(bytes)
+                .map_err(|e| io_ctx("cannot write", &tmp, e))?;
+            f.sync_all().map_err(|e| io_ctx("cannot fsync", &tmp, e))?;
+            // The umask may have narrowed the mode; Envoy (another user) must read modules.
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+                .map_err(|e| io_ctx("cannot chmod", &tmp, e))?;
+            fs::rename(&tmp, final_path)
+                .map_err(|e| io_ctx("cannot rename into", final_path, e))?;
+            if let Some(parent) = final_path.parent() {
+                if let Ok(d) = File::open(parent) {
+                    let _ = d.sync_all();
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Writes a verified module under its sha256 (no-op if it is already there).
+    pub fn put_module(&self, sha: &str, bytes: &[u8]) -> Result<PathBuf, String> {
+        let path = self.module_path(sha);
+        if fs::metadata(&path)
+            .map(|m| m.len() == bytes.len() as u64)
+            .unwrap_or(false)
+        {
+            return Ok(path);
+        }
+        self.write_atomic(&path, bytes, 0o644)?;
+        Ok(path)
+    }
+
+    pub fn remove_module(&self, sha: &str) -> Result<(), String> {
+        let p = self.module_path(sha);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_ctx("cannot remove", &p, e)),
+        }
+    }
+
+    pub fn save_index(&self, index: &Index) -> Result<(), String> {
+        let bytes =
+            serde_json::to_vec_pretty(index).map_err(|e| format!("cannot encode index: {e}"))?;
+        self.write_atomic(&self.index_path(), &bytes, 0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopen_verifies_and_adopts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut index, _) = Store::open(dir.path()).unwrap();
+        let a = b"module-a".to_vec();
+        let sha_a = sha256_hex(&a);
+        store.put_module(&sha_a, &a).unwrap();
+        index.modules.insert(
+            sha_a.clone(),
+            ModuleEntry {
+                size: 8,
+                ..Default::default()
+            },
+        );
+        store.save_index(&index).unwrap();
+        // A file the index lost, a corrupt file, and a leftover partial write.
+        let b = b"module-b".to_vec();
+        let sha_b = sha256_hex(&b);
+        store.put_module(&sha_b, &b).unwrap();
+        fs::write(store.module_path(&"0".repeat(64)), b"garbage").unwrap();
+        fs::write(dir.path().join("tmp/x.part"), b"half").unwrap();
+
+        let (_, index, report) = Store::open(dir.path()).unwrap();
+        assert!(index.modules.contains_key(&sha_a) && index.modules.contains_key(&sha_b));
+        assert_eq!(
+            (
+                report.kept,
+                report.adopted,
+                report.dropped_corrupt,
+                report.removed_partials
+            ),
+            (1, 1, 1, 1)
+        );
+        assert!(!store.module_path(&"0".repeat(64)).exists());
+        let mode = fs::metadata(store.module_path(&sha_a))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+    }
+}

@@ -1,0 +1,55 @@
+//! The ADS proxy: Envoy-facing gRPC server (SotW + Delta), one upstream stream per Envoy
+//! stream, and the interception point where ECDS responses are handed to [`crate::ecds`].
+//!
+//! This module owns sockets, streams, ordering and nonces. It does not look inside resources:
+//! everything that is not ECDS passes through byte-for-byte, and ECDS resources are only
+//! carried to and from the converter.
+//!
+//! * `listen`   — binding the Envoy-facing Unix/TCP socket
+//! * `upstream` — dialling the control plane (h2, TLS, mTLS)
+//! * `flavor`   — SotW vs Delta message shapes behind one trait
+//! * `stream`   — the per-stream proxy loops
+//! * `book`     — nonce bookkeeping (one reply per upstream nonce)
+//! * `ecds_session` — per-stream ECDS conversion, NACKs and self-healing deliveries
+//! * `server`   — the tonic service and `serve`
+
+pub mod book;
+mod ecds_session;
+pub mod flavor;
+pub mod listen;
+pub mod server;
+mod stream;
+pub mod upstream;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+pub use server::serve;
+pub use stream::error_chain;
+
+/// What every proxied stream shares.
+pub struct ProxyContext {
+    pub upstream: upstream::Upstream,
+    /// `None` when conversion is disabled: ECDS then passes through untouched.
+    pub converter: Option<Arc<crate::ecds::Converter>>,
+    /// Flips to `true` on shutdown; streams end with UNAVAILABLE so Envoy reconnects.
+    pub shutdown: watch::Receiver<bool>,
+    pub stream_ids: AtomicU64,
+}
+
+impl ProxyContext {
+    pub fn new(
+        upstream: upstream::Upstream,
+        converter: Option<Arc<crate::ecds::Converter>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            upstream,
+            converter,
+            shutdown,
+            stream_ids: AtomicU64::new(1),
+        }
+    }
+}

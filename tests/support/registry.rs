@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -144,7 +144,8 @@ impl Registry {
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&self.config)
-            .stdout(Stdio::null())
+            // The access log goes to stdout, everything else to stderr: keep both.
+            .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("docker-registry not installed (run `make test-deps`)");

@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PKGS := docker-registry skopeo wabt apache2-utils openssl curl jq clang lld wasi-libc libclang-rt-14-dev-wasm32
 
 PLUGIN_DIR := testdata/plugins/basic_auth
-PLUGIN_CFLAGS := --target=wasm32-wasi -O2 -mexec-model=reactor -nostartfiles -Wl,--no-entry -Wl,--strip-all -Wl,--export-dynamic
+PLUGIN_CFLAGS := --target=wasm32-wasi -O2 -mexec-model=reactor -Wl,--strip-all
 
 .PHONY: all build test test-deps deps envoy demo lint bench plugin plugin-check clean
 

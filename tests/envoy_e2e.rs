@@ -1,0 +1,352 @@
+//! End to end with the real Envoy 1.40 (V8): registry → demo control plane → agent → Envoy,
+//! the seed's curls, a new push, fail-close / fail-open stand-ins and self-healing.
+//!
+//! Envoy comes from `ENVOY_BIN` or `.venv/bin/envoy` (installed by `make test`). Without it the
+//! tests say so and pass only when neither CI nor `ENVOY_BIN` asked for Envoy.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use support::{free_port, Agent, Layout, Registry};
+
+const REPO: &str = "istio-ecosystem/wasm-extensions/basic_auth";
+const ADMIN3: &str = "Basic YWRtaW4zOmFkbWluMw==";
+const OK_TEST: &str = "Basic b2s6dGVzdA==";
+
+fn envoy_bin() -> Option<PathBuf> {
+    let explicit = std::env::var_os("ENVOY_BIN").map(PathBuf::from);
+    let candidate = explicit
+        .clone()
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"));
+    if candidate.exists() {
+        return Some(candidate);
+    }
+    if explicit.is_some() || std::env::var_os("CI").is_some() {
+        panic!(
+            "Envoy not found at {} (run `make envoy`)",
+            candidate.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: no Envoy at {} (run `make envoy`)",
+        candidate.display()
+    );
+    None
+}
+
+fn plugin_wasm() -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/plugins/basic_auth/basic_auth.wasm"),
+    )
+    .unwrap()
+}
+
+fn wasmplugin_yaml(url: &str, fail: &str, credentials: &[&str]) -> String {
+    let creds: String = credentials
+        .iter()
+        .map(|c| format!("          - \"{c}\"\n"))
+        .collect();
+    format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n  name: basic-auth\n  namespace: istio-system\nspec:\n  url: {url}\n  phase: AUTHN\n  failStrategy: {fail}\n  pluginConfig:\n    basic_auth_rules:\n      - prefix: \"/productpage\"\n        request_methods: [\"GET\", \"POST\"]\n        credentials:\n{creds}"
+    )
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Stack {
+    reg: Registry,
+    yaml: PathBuf,
+    http: String,
+    envoy_admin: String,
+    cp_log: PathBuf,
+    agent: Agent,
+    _envoy: Killed,
+    _cp: Killed,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start(envoy: &Path, api_type: &str, url_repo: &str, fail: &str, push: bool) -> Stack {
+        let reg = Registry::plain().await;
+        if push {
+            reg.push(REPO, "1.12.0", &plugin_wasm(), Layout::OciImage)
+                .await;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("wasmplugin.yaml");
+        std::fs::write(
+            &yaml,
+            wasmplugin_yaml(
+                &reg.url(url_repo),
+                fail,
+                &["ok:test", "YWRtaW4zOmFkbWluMw=="],
+            ),
+        )
+        .unwrap();
+        let (cp_addr, http, page) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let cp_log = dir.path().join("control-plane.log");
+        let cp = Command::new(support::agent::BIN)
+            .args([
+                "demo",
+                "control-plane",
+                "--listen",
+                &cp_addr,
+                "--envoy-listener",
+                &http,
+                "--productpage",
+                &page,
+                "--wasmplugin",
+            ])
+            .arg(&yaml)
+            .stdout(std::fs::File::create(&cp_log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let cp = Killed(cp);
+        let sock = dir.path().join("XDS");
+        let agent = Agent::builder(&format!("http://{cp_addr}"))
+            .listen(&format!("unix:{}", sock.display()))
+            .args([
+                "--insecure-registries",
+                &reg.addr,
+                "--retry-max-backoff",
+                "2s",
+            ])
+            .start()
+            .await;
+        let admin_port = free_port();
+        let bootstrap = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/envoy/bootstrap.yaml"),
+        )
+        .unwrap()
+        .replace("@XDS_SOCKET@", &sock.display().to_string())
+        .replace("@ADMIN_PORT@", &admin_port.to_string())
+        .replace("@API_TYPE@", api_type);
+        let boot = dir.path().join("envoy.yaml");
+        std::fs::write(&boot, bootstrap).unwrap();
+        let envoy = Command::new(envoy)
+            .arg("-c")
+            .arg(&boot)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("envoy.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Stack {
+            reg,
+            yaml,
+            http,
+            envoy_admin: format!("127.0.0.1:{admin_port}"),
+            cp_log,
+            agent,
+            _envoy: Killed(envoy),
+            _cp: cp,
+            _dir: dir,
+        }
+    }
+
+    async fn status(&self, path: &str, auth: Option<&str>) -> u16 {
+        let c = reqwest::Client::new();
+        let mut r = c
+            .get(format!("http://{}{path}", self.http))
+            .timeout(Duration::from_secs(5));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+    }
+
+    /// Polls until `GET path` answers `want` (panics after `secs`).
+    async fn until(&self, path: &str, auth: Option<&str>, want: u16, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut last = 0;
+        while Instant::now() < deadline {
+            last = self.status(path, auth).await;
+            if last == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!(
+            "{path} (auth {auth:?}) never answered {want}; last {last}\n--- control plane\n{}\n--- envoy\n{}",
+            std::fs::read_to_string(&self.cp_log).unwrap_or_default(),
+            std::fs::read_to_string(self._dir.path().join("envoy.log")).unwrap_or_default()
+        );
+    }
+
+    async fn config_dump(&self) -> String {
+        reqwest::get(format!(
+            "http://{}/config_dump?resource=ecds_filters",
+            self.envoy_admin
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+    }
+
+    fn ecds_pushes(&self) -> usize {
+        std::fs::read_to_string(&self.cp_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("→ ECDS"))
+            .count()
+    }
+}
+
+async fn seed_walkthrough(api_type: &str) {
+    let Some(envoy) = envoy_bin() else { return };
+    let s = Stack::start(
+        &envoy,
+        api_type,
+        &format!("{REPO}:1.12.0"),
+        "FAIL_CLOSE",
+        true,
+    )
+    .await;
+    // The seed's two curls.
+    s.until("/productpage", None, 401, 30).await;
+    assert_eq!(s.status("/productpage", Some(ADMIN3)).await, 200);
+    assert_eq!(
+        s.status("/productpage", Some(OK_TEST)).await,
+        200,
+        "user:pass credentials work too"
+    );
+    assert_eq!(
+        s.status("/productpage", Some("Basic d3Jvbmc6d3Jvbmc="))
+            .await,
+        401
+    );
+    assert_eq!(
+        s.status("/reviews", None).await,
+        200,
+        "other paths are not protected"
+    );
+    let dump = s.config_dump().await;
+    let modules = s.agent.cache_dir.join("modules");
+    assert!(
+        dump.contains(&format!("\"filename\": \"{}/", modules.display())),
+        "config_dump shows the local file:\n{dump}"
+    );
+    assert!(!dump.contains("oci://"), "no remote code reaches Envoy");
+
+    // A new push (changed credentials) takes effect.
+    std::fs::write(
+        &s.yaml,
+        wasmplugin_yaml(
+            &s.reg.url(&format!("{REPO}:1.12.0")),
+            "FAIL_CLOSE",
+            &["new:pass"],
+        ),
+    )
+    .unwrap();
+    s.until("/productpage", Some("Basic bmV3OnBhc3M="), 200, 20)
+        .await;
+    assert_eq!(
+        s.status("/productpage", Some(ADMIN3)).await,
+        401,
+        "old credentials revoked"
+    );
+    assert_eq!(
+        s.agent
+            .metric("istio_agent_wasm_remote_fetch_count", "result=\"success\"")
+            .await,
+        1.0,
+        "the second push reused the cache"
+    );
+}
+
+#[tokio::test]
+async fn seed_walkthrough_sotw() {
+    seed_walkthrough("GRPC").await;
+}
+
+#[tokio::test]
+async fn seed_walkthrough_delta() {
+    seed_walkthrough("DELTA_GRPC").await;
+}
+
+async fn fail_close_then_heal(api_type: &str) {
+    let Some(envoy) = envoy_bin() else { return };
+    // The module is not in the registry yet: deny-all stand-in, 403.
+    let s = Stack::start(
+        &envoy,
+        api_type,
+        &format!("{REPO}:1.12.0"),
+        "FAIL_CLOSE",
+        false,
+    )
+    .await;
+    s.until("/productpage", None, 403, 30).await;
+    assert_eq!(
+        s.status("/reviews", Some(ADMIN3)).await,
+        403,
+        "deny-all covers every path"
+    );
+    let pushes = s.ecds_pushes();
+    // The module appears: the agent delivers it by itself, without a new push.
+    s.reg
+        .push(REPO, "1.12.0", &plugin_wasm(), Layout::OciImage)
+        .await;
+    s.until("/productpage", None, 401, 30).await;
+    assert_eq!(s.status("/productpage", Some(ADMIN3)).await, 200);
+    assert_eq!(
+        s.ecds_pushes(),
+        pushes,
+        "healed without a new push from the control plane"
+    );
+    assert_eq!(
+        s.agent.metric("ecds_agent_wasm_heal_deliveries", "").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn bad_url_fail_close_gives_403_then_heals_sotw() {
+    fail_close_then_heal("GRPC").await;
+}
+
+#[tokio::test]
+async fn bad_url_fail_close_gives_403_then_heals_delta() {
+    fail_close_then_heal("DELTA_GRPC").await;
+}
+
+#[tokio::test]
+async fn bad_url_fail_open_gives_200() {
+    let Some(envoy) = envoy_bin() else { return };
+    let s = Stack::start(
+        &envoy,
+        "DELTA_GRPC",
+        &format!("{REPO}/missing:0.0.1"),
+        "FAIL_OPEN",
+        true,
+    )
+    .await;
+    s.until("/productpage", None, 200, 30).await;
+    let dump = s.config_dump().await;
+    assert!(
+        dump.contains("wasm-default-allow"),
+        "allow-all stand-in in Envoy:\n{dump}"
+    );
+}

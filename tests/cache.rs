@@ -957,3 +957,38 @@ async fn bad_urls_are_clear_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("not 64 hex digits"), "{err}");
 }
+
+#[tokio::test]
+async fn http_proxy_environment_is_honoured() {
+    // The module host does not exist; only the proxy (our server) can answer for it.
+    let proxy = ModuleServer::start().await;
+    let wasm = module("proxied");
+    proxy.put("filters/x.wasm", wasm.clone());
+    let dir = tempfile::tempdir().unwrap();
+    // tokio's Command: the proxy runs on this test's runtime and must keep serving.
+    let out = tokio::process::Command::new(support::agent::BIN)
+        .args([
+            "fetch",
+            "http://modules.example.invalid/filters/x.wasm",
+            "--timeout",
+            "5s",
+            "--cache-dir",
+        ])
+        .arg(dir.path())
+        .env("HTTP_PROXY", format!("http://{}", proxy.addr))
+        .env("NO_PROXY", "")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&sha256_hex(&wasm)));
+    assert_eq!(
+        proxy.hits("filters/x.wasm"),
+        1,
+        "the request went through the proxy"
+    );
+}

@@ -586,3 +586,75 @@ fn help_documents_every_flag_and_env_var() {
         assert!(help.contains(env), "help lacks {env}");
     }
 }
+
+#[tokio::test]
+async fn tls_and_mtls_upstream() {
+    let p = support::registry::pki();
+    let (ca, cert, key) = (
+        p.ca.to_str().unwrap(),
+        p.client_cert.to_str().unwrap(),
+        p.client_key.to_str().unwrap(),
+    );
+    let mut cp = ControlPlane::start_tls(true).await;
+    let url = format!("https://127.0.0.1:{}", cp.addr.port());
+
+    // CA + client certificate: the stream works.
+    let agent = Agent::builder(&url)
+        .args([
+            "--upstream-ca",
+            ca,
+            "--client-cert",
+            cert,
+            "--client-key",
+            key,
+        ])
+        .start()
+        .await;
+    let mut client = connect_tcp(&agent.listen).await;
+    let mut envoy = open_sotw(&mut client, &[]).await;
+    envoy.send(sotw_req(LDS, &[], "", ""));
+    let mut up = cp.next_sotw().await;
+    up.recv().await;
+    up.send(DiscoveryResponse {
+        type_url: LDS.into(),
+        nonce: "mtls".into(),
+        ..Default::default()
+    });
+    assert_eq!(envoy.recv().await.nonce, "mtls");
+
+    // No client certificate: the control plane refuses, Envoy gets UNAVAILABLE, nothing reaches upstream.
+    let agent = Agent::builder(&url)
+        .args(["--upstream-ca", ca])
+        .start()
+        .await;
+    let mut client = connect_tcp(&agent.listen).await;
+    let mut envoy = open_sotw(&mut client, &[]).await;
+    envoy.send(sotw_req(LDS, &[], "", ""));
+    let st = envoy.expect_status().await;
+    assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+    assert!(st.message().contains("unreachable"), "{}", st.message());
+    assert!(cp.stream_within(Duration::from_millis(500)).await.is_none());
+
+    // No CA: the control plane's certificate is not trusted.
+    let mut tls_only = ControlPlane::start_tls(false).await;
+    let url = format!("https://127.0.0.1:{}", tls_only.addr.port());
+    let agent = Agent::builder(&url).start().await;
+    let mut client = connect_tcp(&agent.listen).await;
+    let mut envoy = open_sotw(&mut client, &[]).await;
+    envoy.send(sotw_req(LDS, &[], "", ""));
+    let st = envoy.expect_status().await;
+    assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+    assert!(tls_only
+        .stream_within(Duration::from_millis(500))
+        .await
+        .is_none());
+    // With the CA (server-only TLS) it works.
+    let agent = Agent::builder(&url)
+        .args(["--upstream-ca", ca])
+        .start()
+        .await;
+    let mut client = connect_tcp(&agent.listen).await;
+    let envoy = open_sotw(&mut client, &[]).await;
+    envoy.send(sotw_req(LDS, &[], "", ""));
+    tls_only.next_sotw().await.recv().await;
+}

@@ -198,7 +198,7 @@ async fn forward_responses<F: Flavor>(
         Ok(s) => s,
         Err(status) => {
             counter!(m::UPSTREAM_CONNECTION_FAILURES).increment(1);
-            return End::UpstreamError(status);
+            return upstream_failure(status);
         }
     };
     loop {
@@ -223,8 +223,17 @@ async fn forward_responses<F: Flavor>(
                 }
             }
             Ok(None) => return End::UpstreamClosed,
-            Err(status) => return End::UpstreamError(status),
+            Err(status) => return upstream_failure(status),
         }
+    }
+}
+
+/// A status the control plane sent is passed on as is; a broken connection (TLS refused,
+/// reset, …) has a local transport error as its source and becomes UNAVAILABLE.
+fn upstream_failure(status: Status) -> End {
+    match std::error::Error::source(&status) {
+        Some(transport) => End::UpstreamUnreachable(error_chain(transport)),
+        None => End::UpstreamError(status),
     }
 }
 

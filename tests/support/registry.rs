@@ -25,6 +25,8 @@ pub struct Pki {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
     pub htpasswd: PathBuf,
 }
 
@@ -48,15 +50,29 @@ pub fn pki() -> &'static Pki {
         run(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "3650",
             "-subj", "/CN=ecds-agent-test-ca", "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign"]).arg("-keyout").arg(p("ca.key")).arg("-out").arg(p("ca.crt")));
-        run(Command::new("openssl").args(["req", "-newkey", "rsa:2048", "-nodes", "-sha256", "-subj", "/CN=localhost"])
-            .arg("-keyout").arg(p("leaf.key")).arg("-out").arg(p("leaf.csr")));
-        std::fs::write(p("leaf.ext"), "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-        run(Command::new("openssl").args(["x509", "-req", "-days", "3650", "-sha256", "-CAcreateserial"])
-            .arg("-in").arg(p("leaf.csr")).arg("-CA").arg(p("ca.crt")).arg("-CAkey").arg(p("ca.key"))
-            .arg("-extfile").arg(p("leaf.ext")).arg("-out").arg(p("leaf.crt")));
+        // Leaf certificates signed by the CA: the server one (registries, TLS control plane)
+        // and a client one (mTLS to the control plane).
+        let leaf = |name: &str, cn: &str, eku: &str| {
+            run(Command::new("openssl").args(["req", "-newkey", "rsa:2048", "-nodes", "-sha256", "-subj", &format!("/CN={cn}")])
+                .arg("-keyout").arg(p(&format!("{name}.key"))).arg("-out").arg(p(&format!("{name}.csr"))));
+            std::fs::write(p(&format!("{name}.ext")), format!("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={eku}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")).unwrap();
+            run(Command::new("openssl").args(["x509", "-req", "-days", "3650", "-sha256", "-CAcreateserial"])
+                .arg("-in").arg(p(&format!("{name}.csr"))).arg("-CA").arg(p("ca.crt")).arg("-CAkey").arg(p("ca.key"))
+                .arg("-extfile").arg(p(&format!("{name}.ext"))).arg("-out").arg(p(&format!("{name}.crt"))));
+        };
+        leaf("leaf", "localhost", "serverAuth");
+        leaf("client", "ecds-agent", "clientAuth");
         let out = Command::new("htpasswd").args(["-Bbn", USER, PASS]).output().expect("htpasswd (apache2-utils)");
         std::fs::write(p("htpasswd"), out.stdout).unwrap();
-        Pki { ca: p("ca.crt"), cert: p("leaf.crt"), key: p("leaf.key"), htpasswd: p("htpasswd"), dir }
+        Pki {
+            ca: p("ca.crt"),
+            cert: p("leaf.crt"),
+            key: p("leaf.key"),
+            client_cert: p("client.crt"),
+            client_key: p("client.key"),
+            htpasswd: p("htpasswd"),
+            dir,
+        }
     })
 }
 

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod ecds;
+pub mod errors;
 pub mod proto;
 pub mod wasm;
 pub mod xds;

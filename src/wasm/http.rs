@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::error::{redact, FetchError};
 use super::tls::FetchTls;
+use crate::errors::describe_reqwest;
 
 /// Retry settings (Istio's WASM_HTTP_REQUEST_* meaning).
 #[derive(Debug, Clone)]
@@ -143,7 +144,7 @@ impl HttpFetcher {
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| Attempt::Retry(describe(&e)))?;
+            .map_err(|e| Attempt::Retry(describe_reqwest(&e)))?;
         let status = resp.status();
         if status != reqwest::StatusCode::OK {
             let why = format!("HTTP status {status}");
@@ -171,7 +172,7 @@ impl HttpFetcher {
         let mut body = Vec::new();
         let mut chunks = resp.bytes_stream();
         while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|e| Attempt::Retry(describe(&e)))?;
+            let chunk = chunk.map_err(|e| Attempt::Retry(describe_reqwest(&e)))?;
             if (body.len() + chunk.len()) as u64 > limit {
                 return Err(too_large("body kept coming past the limit".into()));
             }
@@ -179,28 +180,6 @@ impl HttpFetcher {
         }
         Ok(body)
     }
-}
-
-/// A reqwest error without the URL (which may carry secrets), with its causes.
-fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
-    };
-    let mut s = kind.to_owned();
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

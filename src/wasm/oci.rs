@@ -30,6 +30,7 @@ use super::error::FetchError;
 use super::tls::FetchTls;
 use super::unbox;
 use super::url::OciRef;
+use crate::errors::describe_reqwest;
 
 pub const WASM_LAYER_SOLO: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
 pub const WASM_LAYER_CNCF: &str = "application/vnd.wasm.content.layer.v1+wasm";
@@ -102,25 +103,7 @@ pub struct OciFetcher {
 
 fn oci_reason(e: &OciDistributionError) -> String {
     match e {
-        OciDistributionError::RequestError(r) => {
-            let mut s = if r.is_timeout() {
-                "timed out".to_owned()
-            } else if r.is_connect() {
-                "connection failed".to_owned()
-            } else {
-                "request failed".to_owned()
-            };
-            let mut src = std::error::Error::source(r);
-            while let Some(inner) = src {
-                let t = inner.to_string();
-                if !s.contains(&t) {
-                    s.push_str(": ");
-                    s.push_str(&t);
-                }
-                src = inner.source();
-            }
-            s
-        }
+        OciDistributionError::RequestError(r) => describe_reqwest(r),
         other => other.to_string(),
     }
 }

@@ -39,11 +39,6 @@ impl NonceBook {
         self.answered.push_back(nonce.to_owned());
     }
 
-    /// Forgets an answered nonce whose response Envoy will never see.
-    pub fn forget(&mut self, nonce: &str) {
-        self.answered.retain(|n| n != nonce);
-    }
-
     fn is_agents(&self, nonce: &str) -> bool {
         nonce.starts_with(AGENT_NONCE_PREFIX) || self.answered.iter().any(|n| n == nonce)
     }
@@ -56,20 +51,105 @@ impl NonceBook {
         }
         F::note_request(&req, self);
         let nonce = F::req_nonce(&req);
-        let out = if nonce.is_empty() || !self.is_agents(nonce) {
-            Some(req)
-        } else if F::changes_subscription(&req, self) {
-            Some(F::subscription_only(req))
-        } else {
-            tracing::debug!(
+        if nonce.is_empty() || !self.is_agents(nonce) {
+            self.forwarded_ecds_names = self.ecds_names.clone();
+            return Some(req);
+        }
+        // The agent already answered this nonce (or invented it): Envoy's reply stays here.
+        match F::req_error(&req) {
+            Some(error) => tracing::warn!(
                 nonce,
-                "Envoy's reply to an agent-answered nonce not forwarded"
-            );
-            None
-        };
+                %error,
+                "Envoy rejected an ECDS update the agent already answered; not forwarded"
+            ),
+            None => tracing::debug!(
+                nonce,
+                "Envoy's ACK of an agent-answered nonce not forwarded"
+            ),
+        }
+        let out = F::changes_subscription(&req, self).then(|| F::subscription_only(req));
         if out.is_some() {
             self.forwarded_ecds_names = self.ecds_names.clone();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::flavor::{Delta, Sotw};
+    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+
+    fn sotw(nonce: &str, names: &[&str]) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: type_url::ECDS.into(),
+            response_nonce: nonce.into(),
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            version_info: "v1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sotw_replies_to_agent_nonces_stay_unless_the_subscription_changes() {
+        let mut b = NonceBook::default();
+        assert!(
+            b.filter::<Sotw>(sotw("", &["a"])).is_some(),
+            "initial request goes up"
+        );
+        b.answered_by_agent("n1");
+        assert!(
+            b.filter::<Sotw>(sotw("n1", &["a"])).is_none(),
+            "ACK of an agent-NACKed nonce"
+        );
+        assert!(
+            b.filter::<Sotw>(sotw("ecds-agent/1/1", &["a"])).is_none(),
+            "ACK of an agent delivery"
+        );
+        let up = b
+            .filter::<Sotw>(sotw("ecds-agent/1/1", &["a", "b"]))
+            .expect("subscription change");
+        assert!(up.response_nonce.is_empty() && up.error_detail.is_none());
+        assert_eq!(up.resource_names, vec!["a", "b"]);
+        assert!(
+            b.filter::<Sotw>(sotw("n2", &["a", "b"])).is_some(),
+            "other nonces go up"
+        );
+        let mut other = sotw("x", &[]);
+        other.type_url = type_url::LISTENER.into();
+        assert!(
+            b.filter::<Sotw>(other).is_some(),
+            "other types are never filtered"
+        );
+        assert_eq!(b.ecds_version, "v1");
+    }
+
+    #[test]
+    fn delta_subscription_changes_still_go_up() {
+        let mut b = NonceBook::default();
+        b.answered_by_agent("d1");
+        let ack = DeltaDiscoveryRequest {
+            type_url: type_url::ECDS.into(),
+            response_nonce: "d1".into(),
+            ..Default::default()
+        };
+        assert!(b.filter::<Delta>(ack.clone()).is_none());
+        let sub = DeltaDiscoveryRequest {
+            resource_names_subscribe: vec!["z".into()],
+            ..ack
+        };
+        let up = b.filter::<Delta>(sub).expect("subscription change");
+        assert!(up.response_nonce.is_empty());
+    }
+
+    #[test]
+    fn answered_memory_is_bounded() {
+        let mut b = NonceBook::default();
+        for i in 0..(ANSWERED_MEMORY + 10) {
+            b.answered_by_agent(&i.to_string());
+        }
+        assert_eq!(b.answered.len(), ANSWERED_MEMORY);
+        assert!(!b.is_agents("0") && b.is_agents(&(ANSWERED_MEMORY + 9).to_string()));
     }
 }

@@ -42,6 +42,8 @@ pub trait Flavor: Send + Sync + 'static {
 
     fn req_type_url(r: &Self::Req) -> &str;
     fn req_nonce(r: &Self::Req) -> &str;
+    /// Envoy's rejection message, when the request is a NACK.
+    fn req_error(r: &Self::Req) -> Option<&str>;
     /// Records what an Envoy request says about its ECDS state (version, subscription).
     fn note_request(r: &Self::Req, book: &mut NonceBook);
     /// Whether a request the agent would swallow also changes the subscription
@@ -95,6 +97,9 @@ impl Flavor for Sotw {
     }
     fn req_nonce(r: &Self::Req) -> &str {
         &r.response_nonce
+    }
+    fn req_error(r: &Self::Req) -> Option<&str> {
+        r.error_detail.as_ref().map(|e| e.message.as_str())
     }
     fn note_request(r: &Self::Req, book: &mut NonceBook) {
         if r.type_url != type_url::ECDS {
@@ -183,6 +188,9 @@ impl Flavor for Delta {
     }
     fn req_nonce(r: &Self::Req) -> &str {
         &r.response_nonce
+    }
+    fn req_error(r: &Self::Req) -> Option<&str> {
+        r.error_detail.as_ref().map(|e| e.message.as_str())
     }
     fn note_request(_: &Self::Req, _: &mut NonceBook) {}
     fn changes_subscription(r: &Self::Req, _: &NonceBook) -> bool {

@@ -27,7 +27,6 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 pub use server::serve;
-pub use stream::error_chain;
 
 /// What every proxied stream shares.
 pub struct ProxyContext {

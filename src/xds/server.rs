@@ -11,6 +11,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::flavor::{Delta, Sotw};
@@ -69,8 +70,17 @@ pub async fn serve(
                 .await
         }
         Bound::Tcp(l) => {
+            // xDS messages are small and latency-bound: no Nagle (a custom incoming stream
+            // does not get tonic's tcp_nodelay, so it is set here).
+            let incoming = TcpListenerStream::new(l).map(|conn| {
+                conn.inspect(|s| {
+                    if let Err(e) = s.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                })
+            });
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         }
     }

@@ -25,6 +25,7 @@ use super::ecds_session::EcdsSession;
 use super::flavor::Flavor;
 use super::ProxyContext;
 use crate::admin::metrics as m;
+use crate::errors::error_chain;
 use crate::proto::type_url;
 
 /// How many responses may wait for a slow Envoy before the upstream reader pauses.
@@ -235,19 +236,4 @@ fn upstream_failure(status: Status) -> End {
         Some(transport) => End::UpstreamUnreachable(error_chain(transport)),
         None => End::UpstreamError(status),
     }
-}
-
-/// An error with its sources, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }

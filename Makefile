@@ -44,9 +44,11 @@ lint:
 
 ## The whole suite: lint, unit and integration tests (real registry, real Envoy).
 test: test-deps plugin-check lint
-	ENVOY_BIN=$(ENVOY) RUST_BACKTRACE=0 $(CARGO) test --all-targets -- --test-threads=4
+	ENVOY_BIN=$(ENVOY) RUST_BACKTRACE=0 $(CARGO) test --benches
+	set -o pipefail; ENVOY_BIN=$(ENVOY) RUST_BACKTRACE=0 $(CARGO) test --lib --bins --tests -- --test-threads=4 2>&1 | tee target/test.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log
 
-## Benchmarks: pass-through overhead and cached conversion, printed as ratios.
+## Benchmarks: pass-through overhead, cached conversion, single-flight (release build).
 bench:
 	$(CARGO) bench --bench convert
 

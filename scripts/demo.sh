@@ -78,7 +78,7 @@ echo "pushed oci://$REG/$REPO:$TAG (manifest sha256:$MD)"
 bold "3. Demo control plane on $CP serving the WasmPlugin"
 sed "s#oci://127.0.0.1:15050/#oci://$REG/#" testdata/wasmplugin.yaml > "$W/wasmplugin.yaml"
 sed -n '/^spec:/,$p' "$W/wasmplugin.yaml"
-"$AGENT" demo control-plane --wasmplugin "$W/wasmplugin.yaml" --listen "$CP" \
+"$AGENT" demo --wasmplugin "$W/wasmplugin.yaml" --listen "$CP" \
   --envoy-listener "$HTTP" --productpage "$PAGE" > "$W/control-plane.log" 2>&1 & pids+=($!)
 wait_for "control plane" bash -c "exec 3<>/dev/tcp/${CP%:*}/${CP#*:}"
 

@@ -32,7 +32,7 @@ pub enum Command {
     /// Pull one module into the cache and print its path and digest (pre-warm / debug).
     Fetch(Box<FetchArgs>),
     /// Run the built-in demo control plane (istiod stand-in) serving a WasmPlugin over ADS.
-    Demo(crate::demo::DemoArgs),
+    Demo(Box<crate::demo::DemoArgs>),
 }
 
 /// Where Envoy connects: a Unix socket path or a TCP address.

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(*args).await,
             Command::Fetch(args) => fetch(*args).await,
-            Command::Demo(args) => ecds_agent::demo::run(args).await.map_err(Failure::Runtime),
+            Command::Demo(args) => ecds_agent::demo::run(*args).await.map_err(Failure::Runtime),
         }
     });
     // Do not wait for lingering tasks (streams, retries) once the command is done.

@@ -992,3 +992,48 @@ async fn http_proxy_environment_is_honoured() {
         "the request went through the proxy"
     );
 }
+
+#[tokio::test]
+async fn system_roots_honour_ssl_cert_file() {
+    let reg = Registry::secure().await;
+    let wasm = module("ssl-cert-file");
+    reg.push("wasm/roots", "v1", &wasm, Layout::Artifact).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("dockerconfig.json");
+    std::fs::write(&secret, pull_secret(&reg.addr, USER, PASS)).unwrap();
+    let fetch = |extra: Option<(&str, &std::path::Path)>| {
+        let mut cmd = std::process::Command::new(support::agent::BIN);
+        cmd.args([
+            "fetch",
+            &reg.url("wasm/roots:v1"),
+            "--timeout",
+            "10s",
+            "--pull-secret",
+        ])
+        .arg(&secret)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .env_remove("SSL_CERT_FILE")
+        .env("RUST_BACKTRACE", "0");
+        if let Some((k, v)) = extra {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = fetch(None);
+    assert_eq!(out.status.code(), Some(1), "untrusted CA is refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = fetch(Some(("SSL_CERT_FILE", reg.ca_path())));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&sha256_hex(&wasm)));
+}

@@ -102,7 +102,6 @@ impl Stack {
         let cp = Command::new(support::agent::BIN)
             .args([
                 "demo",
-                "control-plane",
                 "--listen",
                 &cp_addr,
                 "--envoy-listener",

@@ -23,15 +23,19 @@ use crate::proto::type_url;
 use control_plane::DemoControlPlane;
 use wasmplugin::WasmPlugin;
 
+/// `ecds-agent demo [FLAGS]` runs the control plane; `ecds-agent demo probe …` plays Envoy.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DemoArgs {
     #[command(subcommand)]
-    pub command: DemoCommand,
+    pub command: Option<DemoCommand>,
+    #[command(flatten)]
+    pub control_plane: ControlPlaneArgs,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DemoCommand {
-    /// Serve a WasmPlugin as istiod would (LDS + CDS + ECDS over ADS), plus the productpage upstream.
+    /// Serve a WasmPlugin as istiod would (the same as `ecds-agent demo` without a subcommand).
     ControlPlane(ControlPlaneArgs),
     /// Play Envoy: subscribe to one ECDS resource through the agent and print what arrives.
     Probe(ProbeArgs),
@@ -71,8 +75,9 @@ pub struct ProbeArgs {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     match args.command {
-        DemoCommand::ControlPlane(a) => run_control_plane(a).await,
-        DemoCommand::Probe(a) => probe::run(&a.xds, &a.resource, a.timeout).await,
+        None => run_control_plane(args.control_plane).await,
+        Some(DemoCommand::ControlPlane(a)) => run_control_plane(a).await,
+        Some(DemoCommand::Probe(a)) => probe::run(&a.xds, &a.resource, a.timeout).await,
     }
 }
 

@@ -137,7 +137,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ctx = Arc::new(ProxyContext::new(up, converter, shutdown_rx.clone()));
     let mut stop = shutdown_rx.clone();
-    let mut server = tokio::spawn(xds::serve(bound, ctx, async move {
+    let mut server = tokio::spawn(xds::serve(bound, ctx.clone(), async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
     state.ready.store(true, Ordering::Relaxed);
@@ -157,13 +157,19 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
             "xDS server task failed: {e}"
         ))),
         None => {
-            match tokio::time::timeout(args.shutdown_grace, &mut server).await {
-                Ok(_) => info!("streams drained"),
-                Err(_) => {
-                    warn!(grace = ?args.shutdown_grace, "streams still open after the grace period; exiting");
-                    server.abort();
+            // Every stream ends with UNAVAILABLE at once; wait for that (bounded by the grace
+            // period), not for each Envoy to close its connection.
+            let drained = async {
+                while ctx.active_streams() > 0 && !server.is_finished() {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
+            };
+            match tokio::time::timeout(args.shutdown_grace, drained).await {
+                Ok(()) => info!("streams drained"),
+                Err(_) => warn!(grace = ?args.shutdown_grace, open = ctx.active_streams(),
+                                "streams still open after the grace period; exiting"),
             }
+            server.abort();
             Ok(())
         }
     };

@@ -1037,3 +1037,45 @@ async fn system_roots_honour_ssl_cert_file() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains(&sha256_hex(&wasm)));
 }
+
+#[tokio::test]
+async fn concurrent_gets_with_different_credentials_do_not_share_a_download() {
+    let reg = Registry::secure().await;
+    reg.push("wasm/creds", "v1", &module("creds"), Layout::Artifact)
+        .await;
+    let url = reg.url("wasm/creds:v1");
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache_in(dir.path(), Opts::default()).await;
+        let mut gets = Vec::new();
+        for i in 0..6 {
+            let c = cache.clone();
+            let url = url.clone();
+            let secret = if i == 3 {
+                pull_secret(&reg.addr, USER, PASS)
+            } else {
+                pull_secret(&reg.addr, USER, "wrong")
+            };
+            gets.push(tokio::spawn(async move {
+                c.get(
+                    &url,
+                    GetOptions {
+                        pull_secret: Some(secret),
+                        ..opts()
+                    },
+                )
+                .await
+            }));
+        }
+        let results: Vec<_> = futures::future::join_all(gets)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            results[3].is_ok(),
+            "round {round}: the caller with valid credentials gets the module: {:?}",
+            results[3]
+        );
+    }
+}

@@ -969,3 +969,37 @@ async fn restarted_agent_converts_from_cache_with_no_network() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn sigterm_during_a_download_exits_promptly() {
+    let srv = ModuleServer::start().await;
+    srv.set(
+        "stuck.wasm",
+        Route {
+            body: module("stuck"),
+            delay: Duration::from_secs(60),
+            ..Default::default()
+        },
+    );
+    let mut cp = ControlPlane::start().await;
+    // A long grace: exiting fast proves the agent waits for its streams, not for the grace timer.
+    let mut agent = agent(&cp, &["--shutdown-grace", "10s"]).await;
+    let (_envoy, up) = sotw_ecds(&agent, &mut cp, &["stuck"]).await;
+    up.send(ecds_resp(
+        "v1",
+        "n1",
+        vec![ecds_remote(
+            "stuck",
+            &srv.url("stuck.wasm"),
+            &Remote {
+                timeout_secs: 60,
+                ..Default::default()
+            },
+        )],
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(srv.hits("stuck.wasm"), 1, "download in progress");
+    let (status, took) = agent.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}

@@ -156,7 +156,9 @@ struct State {
     index: Index,
     /// (owner, resource name) → module sha256.
     pins: HashMap<(u64, String), String>,
-    flights: HashMap<(String, Option<String>), Flight>,
+    /// One download per (URL, expected checksum, pull-secret hash): callers with different
+    /// credentials never share a download (nor its auth result).
+    flights: HashMap<(String, Option<String>, Option<String>), Flight>,
     failures: HashMap<String, FailureInfo>,
     dirty: bool,
 }
@@ -392,7 +394,8 @@ impl Cache {
         expected: Option<String>,
         opts: &GetOptions,
     ) -> Flight {
-        let key = (url.to_owned(), expected.clone());
+        let secret_id = opts.pull_secret.as_deref().map(verify::sha256_hex);
+        let key = (url.to_owned(), expected.clone(), secret_id);
         let mut st = self.lock();
         if let Some(f) = st.flights.get(&key) {
             return f.clone();

@@ -21,7 +21,7 @@ pub mod server;
 mod stream;
 pub mod upstream;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -36,6 +36,9 @@ pub struct ProxyContext {
     /// Flips to `true` on shutdown; streams end with UNAVAILABLE so Envoy reconnects.
     pub shutdown: watch::Receiver<bool>,
     pub stream_ids: AtomicU64,
+    /// Envoy streams currently open (shutdown waits for this to reach zero, not for peers to
+    /// close their connections).
+    active: AtomicUsize,
 }
 
 impl ProxyContext {
@@ -49,6 +52,28 @@ impl ProxyContext {
             converter,
             shutdown,
             stream_ids: AtomicU64::new(1),
+            active: AtomicUsize::new(0),
         }
+    }
+
+    /// How many Envoy streams are open.
+    pub fn active_streams(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one open stream for as long as it lives.
+pub(crate) struct ActiveStream<'a>(&'a AtomicUsize);
+
+impl<'a> ActiveStream<'a> {
+    pub(crate) fn new(ctx: &'a ProxyContext) -> Self {
+        ctx.active.fetch_add(1, Ordering::Relaxed);
+        Self(&ctx.active)
+    }
+}
+
+impl Drop for ActiveStream<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -91,6 +91,7 @@ async fn session<F: Flavor>(
     down_tx: DownTx<F>,
 ) {
     info!("Envoy stream opened");
+    let _active = super::ActiveStream::new(&ctx);
     gauge!(m::ENVOY_STREAMS_ACTIVE).increment(1.0);
     let metadata = upstream_metadata(req.metadata());
     let downstream = req.into_inner();

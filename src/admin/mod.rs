@@ -67,20 +67,21 @@ async fn stats(State(s): S) -> impl IntoResponse {
         }
     }
     if let Some(cache) = &s.cache {
-        let v = cache.debug_view();
+        let v = cache.view();
         out.push_str(&format!(
             "cache_dir {}\ncache_modules {}\ncache_bytes {}\n",
-            v["cache_dir"].as_str().unwrap_or(""),
-            v["modules"].as_array().map(Vec::len).unwrap_or(0),
-            v["total_bytes"]
+            v.cache_dir.display(),
+            v.modules.len(),
+            v.total_bytes
         ));
-        if let Some(f) = v["failures"].as_object() {
-            for (url, info) in f {
-                out.push_str(&format!(
-                    "failing {url}: {}\n",
-                    info["error"].as_str().unwrap_or("")
-                ));
-            }
+        for m in &v.modules {
+            out.push_str(&format!(
+                "module {} {} bytes used_by={:?} urls={:?}\n",
+                m.sha256, m.size, m.used_by, m.urls
+            ));
+        }
+        for (url, f) in &v.failures {
+            out.push_str(&format!("failing {url}: {}\n", f.error));
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out)
@@ -88,7 +89,7 @@ async fn stats(State(s): S) -> impl IntoResponse {
 
 async fn debug_wasm(State(s): S) -> impl IntoResponse {
     let body = match &s.cache {
-        Some(c) => c.debug_view(),
+        Some(c) => serde_json::to_value(c.view()).unwrap_or_default(),
         None => serde_json::json!({"conversion": "disabled"}),
     };
     axum::Json(body)

@@ -11,12 +11,16 @@
 //! * `unbox`  — gzip / tar unwrapping with caps
 //! * `verify` — sha256 and Wasm validation
 //! * `store`  — atomic files and the persistent index
-//! * `cache`  — lookups, pull policy, single-flight, pins, purge, LRU
+//! * `options` — the types at the cache's boundary (options, results, config)
+//! * `cache`  — the get path: lookups, pull policy, single-flight, fetch, store
+//! * `retention` — pins, expiry purge, LRU byte budget
 
 pub mod cache;
 pub mod error;
 pub mod http;
 pub mod oci;
+pub mod options;
+mod retention;
 pub mod secret;
 pub mod store;
 pub mod tls;
@@ -24,5 +28,6 @@ pub mod unbox;
 pub mod url;
 pub mod verify;
 
-pub use cache::{Cache, CacheConfig, GetOptions, Matched, Module, PullPolicy};
+pub use cache::{Cache, CacheView, FailureInfo, ModuleView};
 pub use error::FetchError;
+pub use options::{CacheConfig, GetOptions, Matched, Module, PullPolicy};

@@ -285,7 +285,7 @@ pub struct FetchArgs {
     #[arg(long, value_parser = existing_file, value_name = "FILE")]
     pub pull_secret: Option<PathBuf>,
 
-    /// Pull even if a cached copy exists (IfNotPresent = reuse).
+    /// if-not-present: reuse a cached copy; always: pull again even if one is cached.
     #[arg(long, value_enum, default_value_t = FetchPolicy::IfNotPresent)]
     pub pull_policy: FetchPolicy,
 

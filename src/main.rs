@@ -32,9 +32,26 @@ impl From<anyhow::Error> for Failure {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
+        Err(e) if !e.use_stderr() => {
+            // --help / --version: print as clap renders them, exit 0.
             let _ = e.print();
-            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // A usage error: one line naming the flag, exit 2.
+            // clap's first paragraph, joined (e.g. "required arguments were not provided: <URL>").
+            let text = e.render().to_string();
+            let first: Vec<&str> = text
+                .trim_start()
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!(
+                "ecds-agent: {} (see --help)",
+                first.join(" ").trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
         }
     };
     tracing_subscriber::fmt()

@@ -533,6 +533,7 @@ fn bad_flags_exit_2_naming_the_flag() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(flag), "{args:?} should name {flag}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     }
     // An unusable address at run time: also exit 2, one line naming the flag.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

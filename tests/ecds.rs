@@ -1003,3 +1003,37 @@ async fn sigterm_during_a_download_exits_promptly() {
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
+
+#[tokio::test]
+async fn local_code_keeps_its_file_but_loses_the_pull_secret() {
+    let mut cp = ControlPlane::start().await;
+    let agent = agent(&cp, &[]).await;
+    let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &["file", "plain"]).await;
+    let with_hints = res::ecds_local_env(
+        "file",
+        "/opt/wasm/f.wasm",
+        &[
+            (SECRET_ENV, "{\"auths\":{}}"),
+            (VERSION_ENV, "4"),
+            ("USER_VAR", "keep"),
+        ],
+    );
+    let plain = ecds_local("plain", "/opt/wasm/p.wasm");
+    up.send(ecds_resp("v1", "n1", vec![with_hints, plain.clone()]));
+    let got = envoy.recv().await;
+    assert_eq!(local_filename(&got.resources[0]), "/opt/wasm/f.wasm");
+    assert_eq!(
+        vm_env(&got.resources[0]).unwrap(),
+        [("USER_VAR".to_string(), "keep".to_string())].into()
+    );
+    assert_eq!(got.resources[1], plain, "nothing to strip: byte-for-byte");
+    assert_eq!(
+        agent
+            .metric(
+                "istio_agent_wasm_config_conversion_count",
+                "result=\"no_remote_load\""
+            )
+            .await,
+        2.0
+    );
+}

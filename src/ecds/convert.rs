@@ -63,8 +63,10 @@ pub struct HealJob {
 
 /// What became of one resource.
 pub enum Outcome {
-    /// Not Wasm, or Wasm with local code: deliver as received.
-    Unchanged { name: String },
+    /// Not Wasm, or Wasm with local code: deliver as received — except that a local-code
+    /// filter carrying the `ISTIO_META_WASM_*` hints (istiod sends them for `file://` plugins
+    /// too) is delivered as `stripped`, so a pull secret never reaches Envoy.
+    Unchanged { name: String, stripped: Option<Any> },
     /// Remote code replaced by a local file.
     Converted {
         name: String,
@@ -169,7 +171,12 @@ impl Converter {
         };
         let mut filter = match classify(&typed_config) {
             Ok(Some(f)) => f,
-            Ok(None) => return Outcome::Unchanged { name },
+            Ok(None) => {
+                return Outcome::Unchanged {
+                    name,
+                    stripped: None,
+                }
+            }
             Err(e) => return reject(Some(name), e),
         };
         let fail_open = filter.fail_open();
@@ -179,7 +186,13 @@ impl Converter {
         };
         let remote = match vm.code.as_ref().and_then(|c| c.specifier.as_ref()) {
             Some(async_data_source::Specifier::Remote(r)) => r.clone(),
-            Some(async_data_source::Specifier::Local(_)) => return Outcome::Unchanged { name },
+            Some(async_data_source::Specifier::Local(_)) => {
+                let before = vm.environment_variables.clone();
+                take_hints(vm);
+                let changed = vm.environment_variables != before;
+                let stripped = changed.then(|| wrap(&name, filter.encode()));
+                return Outcome::Unchanged { name, stripped };
+            }
             None => {
                 return reject(
                     Some(name),

@@ -144,10 +144,16 @@ impl<F: Flavor> EcdsSession<F> {
         for (i, (item, outcome)) in items.into_iter().zip(outcomes).enumerate() {
             let envelope_name = item.envelope.as_ref().map(|r| r.name.clone());
             match outcome {
-                Outcome::Unchanged { name } => {
+                Outcome::Unchanged { name, stripped } => {
                     self.supersede(&name);
                     self.conv.cache().pin(self.id, &name, None);
-                    deliver.push(item);
+                    match stripped {
+                        Some(any) => deliver.push(Carried {
+                            any,
+                            envelope: item.envelope,
+                        }),
+                        None => deliver.push(item),
+                    }
                 }
                 Outcome::Converted { name, any, module } => {
                     self.supersede(&name);

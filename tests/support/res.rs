@@ -121,6 +121,18 @@ pub fn ecds_remote(name: &str, url: &str, o: &Remote) -> Any {
 
 /// An ECDS resource with local code (passes through).
 pub fn ecds_local(name: &str, path: &str) -> Any {
+    ecds_local_env(name, path, &[])
+}
+
+/// Local code plus environment variables (as istiod sends for `file://` WasmPlugins).
+pub fn ecds_local_env(name: &str, path: &str, env: &[(&str, &str)]) -> Any {
+    let environment_variables = (!env.is_empty()).then(|| EnvironmentVariables {
+        host_env_keys: vec![],
+        key_values: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    });
     let config = Some(PluginConfig {
         name: name.into(),
         vm: Some(plugin_config::Vm::VmConfig(VmConfig {
@@ -131,6 +143,7 @@ pub fn ecds_local(name: &str, path: &str) -> Any {
                     ..Default::default()
                 })),
             }),
+            environment_variables,
             ..Default::default()
         })),
         ..Default::default()

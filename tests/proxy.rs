@@ -662,3 +662,20 @@ async fn tls_and_mtls_upstream() {
     envoy.send(sotw_req(LDS, &[], "", ""));
     tls_only.next_sotw().await.recv().await;
 }
+
+#[tokio::test]
+async fn xds_header_env_vars_become_upstream_metadata() {
+    let mut cp = ControlPlane::start().await;
+    let agent = Agent::builder(&cp.url())
+        .env("XDS_HEADER_CLUSTERID", "Kubernetes")
+        .env("XDS_HEADER_X_Tenant", "blue")
+        .start()
+        .await;
+    let mut client = connect_tcp(&agent.listen).await;
+    let envoy = open_sotw(&mut client, &[("x-from-envoy", "yes")]).await;
+    envoy.send(sotw_req(LDS, &[], "", ""));
+    let up = cp.next_sotw().await;
+    assert_eq!(up.metadata.get("clusterid").unwrap(), "Kubernetes");
+    assert_eq!(up.metadata.get("x_tenant").unwrap(), "blue");
+    assert_eq!(up.metadata.get("x-from-envoy").unwrap(), "yes");
+}

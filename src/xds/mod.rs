@@ -36,6 +36,8 @@ pub struct ProxyContext {
     /// Flips to `true` on shutdown; streams end with UNAVAILABLE so Envoy reconnects.
     pub shutdown: watch::Receiver<bool>,
     pub stream_ids: AtomicU64,
+    /// Headers added to every upstream stream: Istio's `XDS_HEADER_<name>` variables.
+    pub extra_metadata: tonic::metadata::MetadataMap,
     /// Envoy streams currently open (shutdown waits for this to reach zero, not for peers to
     /// close their connections).
     active: AtomicUsize,
@@ -52,6 +54,7 @@ impl ProxyContext {
             converter,
             shutdown,
             stream_ids: AtomicU64::new(1),
+            extra_metadata: xds_headers_from_env(),
             active: AtomicUsize::new(0),
         }
     }
@@ -60,6 +63,29 @@ impl ProxyContext {
     pub fn active_streams(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
+}
+
+/// Istio's convention: each `XDS_HEADER_<name>=<value>` environment variable becomes the gRPC
+/// header `<name>` (lower-cased) on the upstream connection. Invalid names or values are skipped
+/// with a warning.
+pub fn xds_headers_from_env() -> tonic::metadata::MetadataMap {
+    let mut md = tonic::metadata::MetadataMap::new();
+    for (k, v) in std::env::vars() {
+        let Some(name) = k.strip_prefix("XDS_HEADER_") else {
+            continue;
+        };
+        let key =
+            tonic::metadata::AsciiMetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes());
+        match (key, v.parse()) {
+            (Ok(key), Ok(value)) => {
+                md.insert(key, value);
+            }
+            _ => {
+                tracing::warn!(variable = %k, "XDS_HEADER_ variable is not a valid gRPC header; ignored")
+            }
+        }
+    }
+    md
 }
 
 /// Counts one open stream for as long as it lives.

@@ -68,7 +68,9 @@ pub fn start<F: Flavor>(
     ReceiverStream::new(down_rx)
 }
 
-fn upstream_metadata(from: &MetadataMap) -> MetadataMap {
+/// Envoy's metadata minus hop headers, plus the agent's own headers (`XDS_HEADER_*`), which
+/// replace any of the same name.
+fn upstream_metadata(from: &MetadataMap, extra: &MetadataMap) -> MetadataMap {
     let mut out = MetadataMap::new();
     for kv in from.iter() {
         match kv {
@@ -79,6 +81,11 @@ fn upstream_metadata(from: &MetadataMap) -> MetadataMap {
                 out.append_bin(k.clone(), v.clone());
             }
             KeyAndValueRef::Ascii(..) => {}
+        }
+    }
+    for kv in extra.iter() {
+        if let KeyAndValueRef::Ascii(k, v) = kv {
+            out.insert(k.clone(), v.clone());
         }
     }
     out
@@ -93,7 +100,7 @@ async fn session<F: Flavor>(
     info!("Envoy stream opened");
     let _active = super::ActiveStream::new(&ctx);
     gauge!(m::ENVOY_STREAMS_ACTIVE).increment(1.0);
-    let metadata = upstream_metadata(req.metadata());
+    let metadata = upstream_metadata(req.metadata(), &ctx.extra_metadata);
     let downstream = req.into_inner();
     let (up_tx, up_rx) = mpsc::unbounded_channel::<F::Req>();
     let book = Arc::new(Mutex::new(NonceBook::default()));

@@ -152,8 +152,9 @@ async fn session<F: Flavor>(
         _ => info!(?end, "stream ended"),
     }
     if let Some(status) = to_envoy {
-        // Envoy may already be gone; nothing more to do then.
-        let _ = down_tx.send(Err(status)).await;
+        // Envoy may be gone, or not reading: the stream ends either way, within a second.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), down_tx.send(Err(status)))
+            .await;
     }
 }
 

@@ -1079,3 +1079,59 @@ async fn concurrent_gets_with_different_credentials_do_not_share_a_download() {
         );
     }
 }
+
+#[tokio::test]
+async fn processes_sharing_a_cache_dir_download_once() {
+    // Several `ecds-agent fetch` processes (or agents on a node-shared cache) at once.
+    let srv = ModuleServer::start().await;
+    let reg = Registry::plain().await;
+    let wasm = module("shared-dir");
+    srv.set(
+        "shared.wasm",
+        Route {
+            body: wasm.clone(),
+            delay: Duration::from_millis(500),
+            ..Default::default()
+        },
+    );
+    reg.push("wasm/shared", "v1", &wasm, Layout::Docker).await;
+    let dir = tempfile::tempdir().unwrap();
+    for url in [srv.url("shared.wasm"), reg.url("wasm/shared:v1")] {
+        let runs = (0..12).map(|_| {
+            tokio::process::Command::new(support::agent::BIN)
+                .args([
+                    "fetch",
+                    &url,
+                    "--insecure-registries",
+                    &reg.addr,
+                    "--cache-dir",
+                ])
+                .arg(dir.path())
+                .env("RUST_BACKTRACE", "0")
+                .output()
+        });
+        for out in futures::future::join_all(runs).await {
+            let out = out.unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(String::from_utf8_lossy(&out.stdout).contains(&sha256_hex(&wasm)));
+        }
+    }
+    assert_eq!(
+        srv.hits("shared.wasm"),
+        1,
+        "one HTTP download for 12 processes"
+    );
+    assert_eq!(
+        reg.blob_gets("wasm/shared"),
+        1,
+        "one layer pull for 12 processes"
+    );
+    // The index written by 24 processes still knows both URLs.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).unwrap()).unwrap();
+    assert!(index["urls"].as_object().unwrap().len() >= 2, "{index}");
+}

@@ -27,7 +27,7 @@ use super::error::{redact, FetchError};
 use super::http::HttpFetcher;
 use super::oci::{OciFetcher, Resolved};
 use super::options::{CacheConfig, GetOptions, Matched, Module, PullPolicy};
-use super::store::{now_secs, Index, ModuleEntry, Store};
+use super::store::{now_ms, now_secs, Index, ModuleEntry, Store};
 use super::url::{ModuleUrl, OciRef};
 use super::{secret, unbox, verify};
 use crate::admin::metrics as m;
@@ -185,14 +185,95 @@ impl Cache {
             st.index.clone()
         };
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.save_index(&snapshot)).await {
-            Ok(Ok(())) => {}
+        match tokio::task::spawn_blocking(move || store.merge_save(&snapshot)).await {
+            Ok(Ok(merged)) => self.absorb(merged),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot save the cache index; will retry");
                 self.lock().dirty = true;
             }
             Err(e) => tracing::warn!(error = %e, "cache index save task failed"),
         }
+    }
+
+    /// Takes in what other processes sharing the directory recorded (modules, newer URL results).
+    fn absorb(&self, other: Index) {
+        let mut st = self.lock();
+        for (sha, entry) in other.modules {
+            st.index.modules.entry(sha).or_insert(entry);
+        }
+        for (url, entry) in other.urls {
+            let newer = st
+                .index
+                .urls
+                .get(&url)
+                .is_none_or(|u| u.fetched_at_ms < entry.fetched_at_ms);
+            if newer && st.index.modules.contains_key(&entry.sha256) {
+                st.index.urls.insert(url, entry);
+            }
+        }
+    }
+
+    /// Waits for the directory-wide lock of one download. `Ok(true)` if another process held
+    /// it (and may have fetched the module meanwhile).
+    async fn lock_download(
+        &self,
+        key: &str,
+        deadline: Instant,
+        shown: &str,
+    ) -> Result<(std::fs::File, bool), FetchError> {
+        let budget = deadline.saturating_duration_since(Instant::now());
+        let mut waited = false;
+        loop {
+            match self.store.try_lock_download(key) {
+                Ok(Some(f)) => return Ok((f, waited)),
+                Ok(None) => waited = true,
+                Err(reason) => return Err(io_err(shown, reason)),
+            }
+            if Instant::now() >= deadline {
+                return Err(FetchError::Timeout {
+                    url: shown.to_owned(),
+                    timeout: budget,
+                    stage: "waiting for another process downloading the same module",
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// After waiting for another process: the module it fetched, if it is what we need.
+    async fn fetched_meanwhile(
+        &self,
+        url: &str,
+        expected: Option<&str>,
+        since_ms: u64,
+    ) -> Option<Module> {
+        let store = self.store.clone();
+        let disk = tokio::task::spawn_blocking(move || store.read_index())
+            .await
+            .ok()?;
+        self.absorb(disk);
+        let st = self.lock();
+        let (sha, matched) = match expected {
+            Some(e) => find_by_checksum(&st.index, e)?,
+            None => {
+                let u = st
+                    .index
+                    .urls
+                    .get(url)
+                    .filter(|u| u.fetched_at_ms >= since_ms)?;
+                (u.sha256.clone(), None)
+            }
+        };
+        let entry = st.index.modules.get(&sha)?;
+        let path = self.store.module_path(&sha);
+        path.exists().then(|| Module {
+            path,
+            sha256: sha.clone(),
+            oci_digest: entry.oci_digests.iter().next().cloned(),
+            size: entry.size,
+            matched,
+            fetched: false,
+        })
     }
 
     /// Turns `url` into a verified local module file.
@@ -344,6 +425,22 @@ impl Cache {
         deadline: Instant,
     ) -> Result<Module, FetchError> {
         let shown = redact(url);
+        // Other processes sharing the directory (agents, `ecds-agent fetch`) download a module
+        // once too: one lock file per download key, held until the result is on disk.
+        let since_ms = now_ms();
+        let key = verify::sha256_hex(
+            format!(
+                "{url}\n{expected:?}\n{:?}",
+                secret.as_deref().map(verify::sha256_hex)
+            )
+            .as_bytes(),
+        );
+        let (_lock, waited) = self.lock_download(&key, deadline, &shown).await?;
+        if waited {
+            if let Some(module) = self.fetched_meanwhile(url, expected, since_ms).await {
+                return Ok(module);
+            }
+        }
         let fetched = match parsed {
             ModuleUrl::Http(u) => self.fetch_http(u, &shown, expected, deadline).await?,
             ModuleUrl::Oci(r) => {
@@ -351,8 +448,8 @@ impl Cache {
                     .await?
             }
         };
-        match fetched {
-            Fetched::Cached(module) => Ok(module),
+        let module = match fetched {
+            Fetched::Cached(module) => module,
             Fetched::New {
                 bytes,
                 sha,
@@ -360,9 +457,22 @@ impl Cache {
                 matched,
             } => {
                 self.store_module(url, &shown, bytes, sha, digests, matched)
-                    .await
+                    .await?
             }
+        };
+        // Make the result visible on disk before the lock is released.
+        {
+            let mut st = self.lock();
+            let entry = st.index.urls.entry(url.to_owned()).or_default();
+            entry.sha256 = module.sha256.clone();
+            entry.fetched_at_ms = now_ms();
+            if module.oci_digest.is_some() {
+                entry.oci_digest = module.oci_digest.clone();
+            }
+            st.dirty = true;
         }
+        self.save().await;
+        Ok(module)
     }
 
     async fn fetch_http(

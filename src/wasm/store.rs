@@ -6,7 +6,10 @@
 //! * `modules/<sha256>.wasm` — the module, named by the sha256 of its bytes (mode 0644);
 //! * `index.json` — which URLs and OCI digests map to which module, last use, resource
 //!   versions (mode 0600: URLs may carry tokens);
-//! * `tmp/` — in-flight writes, emptied at start-up.
+//! * `tmp/` — in-flight writes, emptied at start-up;
+//! * `locks/` — one lock file per download key, so agents (or `ecds-agent fetch` runs) sharing
+//!   the directory download a module once; `index.lock` serialises index writes, which merge
+//!   what other processes recorded instead of overwriting it.
 //!
 //! Blocking I/O only; callers run it on the blocking pool.
 
@@ -44,6 +47,9 @@ pub struct UrlEntry {
     /// Resource name → last resource version seen with this URL.
     #[serde(default)]
     pub versions: BTreeMap<String, String>,
+    /// Unix milliseconds of the last fetch from this URL (by any process).
+    #[serde(default)]
+    pub fetched_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -72,6 +78,13 @@ fn io_ctx(what: &str, path: &Path, e: std::io::Error) -> String {
     format!("{what} {}: {e}", path.display())
 }
 
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -96,7 +109,7 @@ impl Store {
     /// Opens (creating) the cache directory, loads the index, drops entries whose file is gone
     /// or does not hash to its name, adopts valid module files the index lost, and empties `tmp/`.
     pub fn open(dir: &Path) -> Result<(Store, Index, OpenReport), String> {
-        for sub in ["modules", "tmp"] {
+        for sub in ["modules", "tmp", "locks"] {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(|e| io_ctx("cannot create", &p, e))?;
         }
@@ -236,6 +249,63 @@ impl Store {
         let bytes =
             serde_json::to_vec_pretty(index).map_err(|e| format!("cannot encode index: {e}"))?;
         self.write_atomic(&self.index_path(), &bytes, 0o600)
+    }
+
+    /// The index as it is on disk now (empty if missing or unreadable).
+    pub fn read_index(&self) -> Index {
+        fs::read(self.index_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Writes `index` merged with what other processes recorded on disk meanwhile (modules
+    /// whose file still exists, URLs fetched more recently); returns the merged index.
+    pub fn merge_save(&self, index: &Index) -> Result<Index, String> {
+        let path = self.dir.join("locks").join("index.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_ctx("cannot open", &path, e))?;
+        lock.lock().map_err(|e| io_ctx("cannot lock", &path, e))?;
+        let mut merged = index.clone();
+        let disk = self.read_index();
+        for (sha, entry) in disk.modules {
+            if !merged.modules.contains_key(&sha)
+                && fs::metadata(self.module_path(&sha)).is_ok_and(|m| m.len() == entry.size)
+            {
+                merged.modules.insert(sha, entry);
+            }
+        }
+        for (url, entry) in disk.urls {
+            let newer = merged
+                .urls
+                .get(&url)
+                .is_none_or(|u| u.fetched_at_ms < entry.fetched_at_ms);
+            if newer && merged.modules.contains_key(&entry.sha256) {
+                merged.urls.insert(url, entry);
+            }
+        }
+        self.save_index(&merged)?;
+        Ok(merged)
+    }
+
+    /// Takes the lock of download `key` if free (`None`: another process holds it).
+    pub fn try_lock_download(&self, key: &str) -> Result<Option<File>, String> {
+        let path = self.dir.join("locks").join(format!("{key}.lock"));
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_ctx("cannot open", &path, e))?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(f)),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(io_ctx("cannot lock", &path, e)),
+        }
     }
 }
 

@@ -226,50 +226,47 @@ async fn pull_policies_over_oci_follow_resource_versions() {
     assert!(!c.fetched, "Always with the same version does not");
 
     // :latest (and an untagged reference) mean Always under the default policy.
+    let (latest, untagged) = (reg.url("wasm/pp:latest"), reg.url("wasm/pp"));
     reg.push("wasm/pp", "latest", &m1, Layout::Artifact).await;
-    let l = reg.url("wasm/pp:latest");
-    assert!(
-        cache
-            .get(&l, get(PullPolicy::Unspecified, "1"))
-            .await
-            .unwrap()
-            .sha256
-            == sha256_hex(&m1)
-    );
-    reg.push("wasm/pp", "latest", &m2, Layout::Artifact).await;
-    assert_eq!(
-        cache
-            .get(&l, get(PullPolicy::Unspecified, "1"))
-            .await
-            .unwrap()
-            .sha256,
-        sha256_hex(&m1)
-    );
-    assert_eq!(
-        cache
-            .get(&l, get(PullPolicy::Unspecified, "2"))
-            .await
-            .unwrap()
-            .sha256,
-        sha256_hex(&m2)
-    );
-    assert_eq!(
-        cache
-            .get(&l, get(PullPolicy::IfNotPresent, "3"))
-            .await
-            .unwrap()
-            .sha256,
-        sha256_hex(&m2)
-    );
-    let untagged = reg.url("wasm/pp");
-    assert_eq!(
-        cache
-            .get(&untagged, get(PullPolicy::Unspecified, "9"))
-            .await
-            .unwrap()
-            .sha256,
-        sha256_hex(&m2)
-    );
+    let first = cache
+        .get(&latest, get(PullPolicy::Unspecified, "1"))
+        .await
+        .unwrap();
+    assert_eq!(first.sha256, sha256_hex(&m1));
+    reg.push("wasm/pp", "latest", &m2, Layout::Artifact).await; // :latest moves
+    for (url, policy, version, want, why) in [
+        (
+            &latest,
+            PullPolicy::Unspecified,
+            "1",
+            &m1,
+            "same version: reuse",
+        ),
+        (
+            &latest,
+            PullPolicy::Unspecified,
+            "2",
+            &m2,
+            "new version: pull",
+        ),
+        (
+            &latest,
+            PullPolicy::IfNotPresent,
+            "3",
+            &m2,
+            "IfNotPresent: reuse",
+        ),
+        (
+            &untagged,
+            PullPolicy::Unspecified,
+            "9",
+            &m2,
+            "untagged means :latest",
+        ),
+    ] {
+        let m = cache.get(url, get(policy, version)).await.unwrap();
+        assert_eq!(m.sha256, sha256_hex(want), "{why}");
+    }
 }
 
 #[tokio::test]

@@ -391,17 +391,10 @@ async fn one_of_three_fails_two_delivered_one_stand_in_one_nack_no_duplicate_rep
     let agent = agent(&cp, &[]).await;
     let names = ["good1", "bad", "good2"];
     let (mut envoy, mut up) = sotw_ecds(&agent, &mut cp, &names).await;
+    let good1 = || ecds_remote("good1", &srv.url("good1.wasm"), &Remote::default());
 
     // A first, fully good version that Envoy accepts.
-    up.send(ecds_resp(
-        "v1",
-        "n1",
-        vec![ecds_remote(
-            "good1",
-            &srv.url("good1.wasm"),
-            &Remote::default(),
-        )],
-    ));
+    up.send(ecds_resp("v1", "n1", vec![good1()]));
     envoy.recv().await;
     envoy.send(ack(&names, "v1", "n1"));
     assert_eq!(up.recv().await.response_nonce, "n1");
@@ -466,15 +459,7 @@ async fn one_of_three_fails_two_delivered_one_stand_in_one_nack_no_duplicate_rep
         "no duplicate reply for n2"
     );
     // Later traffic still flows.
-    up.send(ecds_resp(
-        "v3",
-        "n3",
-        vec![ecds_remote(
-            "good1",
-            &srv.url("good1.wasm"),
-            &Remote::default(),
-        )],
-    ));
+    up.send(ecds_resp("v3", "n3", vec![good1()]));
     envoy.recv().await;
     envoy.send(ack(&names, "v3", "n3"));
     assert_eq!(up.recv().await.response_nonce, "n3");

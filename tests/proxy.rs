@@ -31,6 +31,20 @@ fn sotw_req(type_url: &str, names: &[&str], version: &str, nonce: &str) -> Disco
     }
 }
 
+/// Opens a SotW stream, sends an LDS request, answers it upstream and checks it arrives.
+async fn lds_round_trip(client: &mut support::xds::AdsClient, cp: &mut ControlPlane, nonce: &str) {
+    let mut envoy = open_sotw(client, &[]).await;
+    envoy.send(sotw_req(LDS, &[], "", ""));
+    let mut up = cp.next_sotw().await;
+    up.recv().await;
+    up.send(DiscoveryResponse {
+        type_url: LDS.into(),
+        nonce: nonce.into(),
+        ..Default::default()
+    });
+    assert_eq!(envoy.recv().await.nonce, nonce);
+}
+
 fn opaque(type_url: &str, n: usize) -> Any {
     // Not decodable as the named type on purpose: the proxy must not look inside.
     Any {
@@ -250,16 +264,7 @@ async fn upstream_failure_ends_envoy_stream_with_matching_status_and_reconnect_w
     assert_eq!(envoy.expect_status().await.code(), tonic::Code::Unavailable);
 
     // Reconnect works; the agent is still up.
-    let mut envoy = open_sotw(&mut client, &[]).await;
-    envoy.send(sotw_req(LDS, &[], "", ""));
-    let mut up = cp.next_sotw().await;
-    up.recv().await;
-    up.send(DiscoveryResponse {
-        type_url: LDS.into(),
-        nonce: "after".into(),
-        ..Default::default()
-    });
-    assert_eq!(envoy.recv().await.nonce, "after");
+    lds_round_trip(&mut client, &mut cp, "after").await;
     assert!(
         agent
             .metric(
@@ -332,16 +337,7 @@ async fn upstream_absent_at_start_then_appears() {
     );
 
     let mut cp = ControlPlane::start_on(format!("127.0.0.1:{port}").parse().unwrap()).await;
-    let mut envoy = open_sotw(&mut client, &[]).await;
-    envoy.send(sotw_req(LDS, &[], "", ""));
-    let mut up = cp.next_sotw().await;
-    up.recv().await;
-    up.send(DiscoveryResponse {
-        type_url: LDS.into(),
-        nonce: "1".into(),
-        ..Default::default()
-    });
-    assert_eq!(envoy.recv().await.nonce, "1");
+    lds_round_trip(&mut client, &mut cp, "1").await;
 }
 
 #[tokio::test]
@@ -454,16 +450,7 @@ async fn unix_socket_listener_replaces_stale_socket_with_mode_0666() {
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o666);
     let mut client = connect_uds(&sock).await;
-    let mut envoy = open_sotw(&mut client, &[]).await;
-    envoy.send(sotw_req(LDS, &[], "", ""));
-    let mut up = cp.next_sotw().await;
-    up.recv().await;
-    up.send(DiscoveryResponse {
-        type_url: LDS.into(),
-        nonce: "uds".into(),
-        ..Default::default()
-    });
-    assert_eq!(envoy.recv().await.nonce, "uds");
+    lds_round_trip(&mut client, &mut cp, "uds").await;
     drop(agent);
 }
 
@@ -615,16 +602,7 @@ async fn tls_and_mtls_upstream() {
         .start()
         .await;
     let mut client = connect_tcp(&agent.listen).await;
-    let mut envoy = open_sotw(&mut client, &[]).await;
-    envoy.send(sotw_req(LDS, &[], "", ""));
-    let mut up = cp.next_sotw().await;
-    up.recv().await;
-    up.send(DiscoveryResponse {
-        type_url: LDS.into(),
-        nonce: "mtls".into(),
-        ..Default::default()
-    });
-    assert_eq!(envoy.recv().await.nonce, "mtls");
+    lds_round_trip(&mut client, &mut cp, "mtls").await;
 
     // No client certificate: the control plane refuses, Envoy gets UNAVAILABLE, nothing reaches upstream.
     let agent = Agent::builder(&url)

@@ -186,30 +186,12 @@ impl Cache {
         };
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.merge_save(&snapshot)).await {
-            Ok(Ok(merged)) => self.absorb(merged),
+            Ok(Ok(merged)) => self.lock().index.absorb(merged),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot save the cache index; will retry");
                 self.lock().dirty = true;
             }
             Err(e) => tracing::warn!(error = %e, "cache index save task failed"),
-        }
-    }
-
-    /// Takes in what other processes sharing the directory recorded (modules, newer URL results).
-    fn absorb(&self, other: Index) {
-        let mut st = self.lock();
-        for (sha, entry) in other.modules {
-            st.index.modules.entry(sha).or_insert(entry);
-        }
-        for (url, entry) in other.urls {
-            let newer = st
-                .index
-                .urls
-                .get(&url)
-                .is_none_or(|u| u.fetched_at_ms < entry.fetched_at_ms);
-            if newer && st.index.modules.contains_key(&entry.sha256) {
-                st.index.urls.insert(url, entry);
-            }
         }
     }
 
@@ -251,8 +233,8 @@ impl Cache {
         let disk = tokio::task::spawn_blocking(move || store.read_index())
             .await
             .ok()?;
-        self.absorb(disk);
-        let st = self.lock();
+        let mut st = self.lock();
+        st.index.absorb(disk);
         let (sha, matched) = match expected {
             Some(e) => find_by_checksum(&st.index, e)?,
             None => {
@@ -264,11 +246,21 @@ impl Cache {
                 (u.sha256.clone(), None)
             }
         };
-        let entry = st.index.modules.get(&sha)?;
-        let path = self.store.module_path(&sha);
-        path.exists().then(|| Module {
+        self.cached(&mut st, &sha, matched)
+    }
+
+    /// The cached module `sha`, if its file is still there (a vanished file drops the entry).
+    fn cached(&self, st: &mut State, sha: &str, matched: Option<Matched>) -> Option<Module> {
+        let entry = st.index.modules.get(sha)?;
+        let path = self.store.module_path(sha);
+        if !path.exists() {
+            st.index.modules.remove(sha);
+            st.dirty = true;
+            return None;
+        }
+        Some(Module {
             path,
-            sha256: sha.clone(),
+            sha256: sha.to_owned(),
             oci_digest: entry.oci_digests.iter().next().cloned(),
             size: entry.size,
             matched,
@@ -303,7 +295,7 @@ impl Cache {
             let mut st = self.lock();
             match &result {
                 Ok(module) => {
-                    record_url(&mut st, url, module, &opts);
+                    record_url(&mut st, url, module, Some(&opts));
                     st.failures.remove(&shown);
                 }
                 Err(e) => {
@@ -356,22 +348,8 @@ impl Cache {
                 (u.sha256.clone(), None)
             }
         };
-        let entry = st.index.modules.get(&sha)?.clone();
-        let path = self.store.module_path(&sha);
-        if !path.exists() {
-            st.index.modules.remove(&sha);
-            st.dirty = true;
-            return None;
-        }
-        let module = Module {
-            path,
-            sha256: sha,
-            oci_digest: entry.oci_digests.iter().next().cloned(),
-            size: entry.size,
-            matched,
-            fetched: false,
-        };
-        record_url(&mut st, url, &module, opts);
+        let module = self.cached(&mut st, &sha, matched)?;
+        record_url(&mut st, url, &module, Some(opts));
         Some(module)
     }
 
@@ -444,7 +422,7 @@ impl Cache {
         let fetched = match parsed {
             ModuleUrl::Http(u) => self.fetch_http(u, &shown, expected, deadline).await?,
             ModuleUrl::Oci(r) => {
-                self.fetch_oci(url, r, &shown, expected, secret.as_deref(), deadline)
+                self.fetch_oci(r, &shown, expected, secret.as_deref(), deadline)
                     .await?
             }
         };
@@ -463,12 +441,12 @@ impl Cache {
         // Make the result visible on disk before the lock is released.
         {
             let mut st = self.lock();
-            let entry = st.index.urls.entry(url.to_owned()).or_default();
-            entry.sha256 = module.sha256.clone();
-            entry.fetched_at_ms = now_ms();
-            if module.oci_digest.is_some() {
-                entry.oci_digest = module.oci_digest.clone();
-            }
+            record_url(&mut st, url, &module, None);
+            st.index
+                .urls
+                .entry(url.to_owned())
+                .or_default()
+                .fetched_at_ms = now_ms();
             st.dirty = true;
         }
         self.save().await;
@@ -519,7 +497,6 @@ impl Cache {
 
     async fn fetch_oci(
         &self,
-        url: &str,
         r: &OciRef,
         shown: &str,
         expected: Option<&str>,
@@ -544,7 +521,7 @@ impl Cache {
             .map_err(|_| timeout("fetching the manifest"))??;
 
         // Lookup #2: this manifest's module may already be here (no layer pull).
-        if let Some(module) = self.cached_by_manifest(url, &resolved, expected) {
+        if let Some(module) = self.cached_by_manifest(&resolved, expected) {
             counter!(m::CACHE_LOOKUP_COUNT, "hit" => "true").increment(1);
             return Ok(Fetched::Cached(module));
         }
@@ -575,12 +552,7 @@ impl Cache {
     }
 
     /// The cached module whose OCI digest is `resolved`'s, if it satisfies `expected`.
-    fn cached_by_manifest(
-        &self,
-        url: &str,
-        resolved: &Resolved,
-        expected: Option<&str>,
-    ) -> Option<Module> {
+    fn cached_by_manifest(&self, resolved: &Resolved, expected: Option<&str>) -> Option<Module> {
         let mut st = self.lock();
         let (sha, _) = find_by_checksum(&st.index, resolved.digest.trim_start_matches("sha256:"))?;
         let matched = match expected {
@@ -588,19 +560,9 @@ impl Cache {
             Some(e) if e == sha => Some(Matched::ModuleSha256),
             Some(e) => Some(digest_match(resolved, e)?),
         };
-        let entry = st.index.modules.get_mut(&sha)?;
-        entry.last_used = now_secs();
-        entry.urls.insert(url.to_owned());
-        let size = entry.size;
-        st.dirty = true;
-        Some(Module {
-            path: self.store.module_path(&sha),
-            sha256: sha,
-            oci_digest: Some(resolved.digest.clone()),
-            size,
-            matched,
-            fetched: false,
-        })
+        let mut module = self.cached(&mut st, &sha, matched)?;
+        module.oci_digest = Some(resolved.digest.clone());
+        Some(module)
     }
 
     /// Validates and writes a new module, then indexes it.
@@ -797,16 +759,18 @@ fn find_by_checksum(index: &Index, hex: &str) -> Option<(String, Option<Matched>
         .map(|(sha, _)| (sha.clone(), Some(Matched::ManifestDigest)))
 }
 
-fn record_url(st: &mut State, url: &str, module: &Module, opts: &GetOptions) {
+/// Records `url`'s result (and, with `opts`, the resource version it was asked for).
+fn record_url(st: &mut State, url: &str, module: &Module, opts: Option<&GetOptions>) {
     let entry = st.index.urls.entry(url.to_owned()).or_default();
     let mut changed = entry.sha256 != module.sha256;
     entry.sha256 = module.sha256.clone();
     if module.oci_digest.is_some() {
         entry.oci_digest = module.oci_digest.clone();
     }
-    if !opts.resource_name.is_empty()
-        && entry.versions.get(&opts.resource_name) != Some(&opts.resource_version)
-    {
+    if let Some(opts) = opts.filter(|o| {
+        !o.resource_name.is_empty()
+            && entry.versions.get(&o.resource_name) != Some(&o.resource_version)
+    }) {
         entry
             .versions
             .insert(opts.resource_name.clone(), opts.resource_version.clone());

@@ -60,6 +60,26 @@ pub struct Index {
     pub urls: BTreeMap<String, UrlEntry>,
 }
 
+impl Index {
+    /// Takes in what another process recorded: modules this index lacks, and URL results
+    /// fetched more recently than ours (for modules this index has). The one merge rule for
+    /// a cache directory shared between processes.
+    pub fn absorb(&mut self, other: Index) {
+        for (sha, entry) in other.modules {
+            self.modules.entry(sha).or_insert(entry);
+        }
+        for (url, entry) in other.urls {
+            let newer = self
+                .urls
+                .get(&url)
+                .is_none_or(|u| u.fetched_at_ms < entry.fetched_at_ms);
+            if newer && self.modules.contains_key(&entry.sha256) {
+                self.urls.insert(url, entry);
+            }
+        }
+    }
+}
+
 /// Result of opening the store: what was found and what was cleaned.
 #[derive(Debug, Default)]
 pub struct OpenReport {
@@ -86,10 +106,7 @@ pub fn now_ms() -> u64 {
 }
 
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    now_ms() / 1000
 }
 
 impl Store {
@@ -251,61 +268,50 @@ impl Store {
         self.write_atomic(&self.index_path(), &bytes, 0o600)
     }
 
-    /// The index as it is on disk now (empty if missing or unreadable).
+    /// The index as it is on disk now (empty if missing or unreadable), without modules whose
+    /// file is gone or has another size.
     pub fn read_index(&self) -> Index {
-        fs::read(self.index_path())
+        let mut index: Index = fs::read(self.index_path())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        index
+            .modules
+            .retain(|sha, e| fs::metadata(self.module_path(sha)).is_ok_and(|m| m.len() == e.size));
+        index
     }
 
-    /// Writes `index` merged with what other processes recorded on disk meanwhile (modules
-    /// whose file still exists, URLs fetched more recently); returns the merged index.
+    /// Writes `index` merged with what other processes recorded on disk meanwhile (see
+    /// [`Index::absorb`]) under `locks/index.lock`; returns the merged index.
     pub fn merge_save(&self, index: &Index) -> Result<Index, String> {
-        let path = self.dir.join("locks").join("index.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io_ctx("cannot open", &path, e))?;
+        let (lock, path) = self.lock_file("index")?;
         lock.lock().map_err(|e| io_ctx("cannot lock", &path, e))?;
         let mut merged = index.clone();
-        let disk = self.read_index();
-        for (sha, entry) in disk.modules {
-            if !merged.modules.contains_key(&sha)
-                && fs::metadata(self.module_path(&sha)).is_ok_and(|m| m.len() == entry.size)
-            {
-                merged.modules.insert(sha, entry);
-            }
-        }
-        for (url, entry) in disk.urls {
-            let newer = merged
-                .urls
-                .get(&url)
-                .is_none_or(|u| u.fetched_at_ms < entry.fetched_at_ms);
-            if newer && merged.modules.contains_key(&entry.sha256) {
-                merged.urls.insert(url, entry);
-            }
-        }
+        merged.absorb(self.read_index());
         self.save_index(&merged)?;
         Ok(merged)
     }
 
     /// Takes the lock of download `key` if free (`None`: another process holds it).
     pub fn try_lock_download(&self, key: &str) -> Result<Option<File>, String> {
-        let path = self.dir.join("locks").join(format!("{key}.lock"));
+        let (f, path) = self.lock_file(key)?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(f)),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(io_ctx("cannot lock", &path, e)),
+        }
+    }
+
+    /// Opens (creating) `locks/<name>.lock`; locking it is the caller's.
+    fn lock_file(&self, name: &str) -> Result<(File, PathBuf), String> {
+        let path = self.dir.join("locks").join(format!("{name}.lock"));
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
             .map_err(|e| io_ctx("cannot open", &path, e))?;
-        match f.try_lock() {
-            Ok(()) => Ok(Some(f)),
-            Err(fs::TryLockError::WouldBlock) => Ok(None),
-            Err(fs::TryLockError::Error(e)) => Err(io_ctx("cannot lock", &path, e)),
-        }
+        Ok((f, path))
     }
 }
 

@@ -88,12 +88,14 @@ pub fn xds_headers_from_env() -> tonic::metadata::MetadataMap {
     md
 }
 
-/// Counts one open stream for as long as it lives.
+/// Counts one open stream for as long as it lives: the context's count (shutdown waits on it)
+/// and the `ecds_agent_envoy_streams_active` gauge move together.
 pub(crate) struct ActiveStream<'a>(&'a AtomicUsize);
 
 impl<'a> ActiveStream<'a> {
     pub(crate) fn new(ctx: &'a ProxyContext) -> Self {
         ctx.active.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::admin::metrics::ENVOY_STREAMS_ACTIVE).increment(1.0);
         Self(&ctx.active)
     }
 }
@@ -101,5 +103,6 @@ impl<'a> ActiveStream<'a> {
 impl Drop for ActiveStream<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::admin::metrics::ENVOY_STREAMS_ACTIVE).decrement(1.0);
     }
 }

@@ -13,7 +13,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use metrics::{counter, gauge};
+use metrics::counter;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::metadata::{KeyAndValueRef, MetadataMap};
@@ -99,7 +99,6 @@ async fn session<F: Flavor>(
 ) {
     info!("Envoy stream opened");
     let _active = super::ActiveStream::new(&ctx);
-    gauge!(m::ENVOY_STREAMS_ACTIVE).increment(1.0);
     let metadata = upstream_metadata(req.metadata(), &ctx.extra_metadata);
     let downstream = req.into_inner();
     let (up_tx, up_rx) = mpsc::unbounded_channel::<F::Req>();
@@ -119,7 +118,6 @@ async fn session<F: Flavor>(
     if let Some((_, task)) = ecds {
         task.abort();
     }
-    gauge!(m::ENVOY_STREAMS_ACTIVE).decrement(1.0);
     let to_envoy = match &end {
         End::EnvoyClosed | End::EnvoyError(_) | End::EnvoyGone => None,
         End::UpstreamUnreachable(e) => Some(Status::unavailable(format!(

@@ -136,33 +136,48 @@ fn log_reply(kind: &str, type_url: &str, nonce: &str, error: Option<&str>) {
     }
 }
 
-async fn run_sotw(
+/// Applies a SotW request to the stream's subscriptions; returns its type.
+fn sotw_subscribe(subs: &mut HashMap<String, SotwSub>, req: DiscoveryRequest) -> String {
+    log_reply(
+        "sotw",
+        &req.type_url,
+        &req.response_nonce,
+        req.error_detail.as_ref().map(|e| e.message.as_str()),
+    );
+    let sub = subs.entry(req.type_url.clone()).or_default();
+    if req.response_nonce.is_empty() || sub.names != req.resource_names {
+        sub.sent = None; // a new stream or a new subscription: send again
+    }
+    sub.names = req.resource_names;
+    req.type_url
+}
+
+/// One stream: requests update the subscriptions, snapshot changes push to subscribers.
+async fn drive<Req, Resp, Sub: Default>(
     mut snap: watch::Receiver<Arc<Snapshot>>,
-    mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    mut inbound: Streaming<Req>,
+    tx: mpsc::Sender<Result<Resp, Status>>,
+    subscribe: fn(&mut HashMap<String, Sub>, Req) -> String,
+    respond: fn(&Snapshot, &str, &mut Sub, &mut u64) -> Option<Resp>,
 ) {
-    let mut subs: HashMap<String, SotwSub> = HashMap::new();
+    let mut subs: HashMap<String, Sub> = HashMap::new();
     let mut nonce = 0u64;
     loop {
         let mut out = Vec::new();
         tokio::select! {
             m = inbound.message() => {
                 let Ok(Some(req)) = m else { return };
-                log_reply("sotw", &req.type_url, &req.response_nonce, req.error_detail.as_ref().map(|e| e.message.as_str()));
-                let sub = subs.entry(req.type_url.clone()).or_default();
-                let names_changed = sub.names != req.resource_names;
-                sub.names = req.resource_names.clone();
-                if req.response_nonce.is_empty() || names_changed {
-                    sub.sent = None;
-                }
+                let t = subscribe(&mut subs, req);
                 let s = snap.borrow().clone();
-                out.extend(sotw_response(&s, &req.type_url, sub, &mut nonce));
+                if let Some(sub) = subs.get_mut(&t) {
+                    out.extend(respond(&s, &t, sub, &mut nonce));
+                }
             }
             r = snap.changed() => {
                 if r.is_err() { return; }
                 let s = snap.borrow_and_update().clone();
                 for (t, sub) in subs.iter_mut() {
-                    out.extend(sotw_response(&s, t, sub, &mut nonce));
+                    out.extend(respond(&s, t, sub, &mut nonce));
                 }
             }
         }
@@ -234,48 +249,31 @@ fn delta_response(
     })
 }
 
-async fn run_delta(
-    mut snap: watch::Receiver<Arc<Snapshot>>,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-) {
-    let mut subs: HashMap<String, DeltaSub> = HashMap::new();
-    let mut nonce = 0u64;
-    loop {
-        let mut out = Vec::new();
-        tokio::select! {
-            m = inbound.message() => {
-                let Ok(Some(req)) = m else { return };
-                log_reply("delta", &req.type_url, &req.response_nonce, req.error_detail.as_ref().map(|e| e.message.as_str()));
-                let first = !subs.contains_key(&req.type_url);
-                let sub = subs.entry(req.type_url.clone()).or_default();
-                if first && req.resource_names_subscribe.is_empty() {
-                    sub.wildcard = true;
-                }
-                for n in &req.resource_names_subscribe {
-                    if n == "*" { sub.wildcard = true } else { sub.names.insert(n.clone()); }
-                }
-                for n in &req.resource_names_unsubscribe {
-                    sub.names.remove(n);
-                    sub.sent.remove(n);
-                }
-                let s = snap.borrow().clone();
-                out.extend(delta_response(&s, &req.type_url, sub, &mut nonce));
-            }
-            r = snap.changed() => {
-                if r.is_err() { return; }
-                let s = snap.borrow_and_update().clone();
-                for (t, sub) in subs.iter_mut() {
-                    out.extend(delta_response(&s, t, sub, &mut nonce));
-                }
-            }
-        }
-        for r in out {
-            if tx.send(Ok(r)).await.is_err() {
-                return;
-            }
+/// Applies a Delta request to the stream's subscriptions; returns its type.
+fn delta_subscribe(subs: &mut HashMap<String, DeltaSub>, req: DeltaDiscoveryRequest) -> String {
+    log_reply(
+        "delta",
+        &req.type_url,
+        &req.response_nonce,
+        req.error_detail.as_ref().map(|e| e.message.as_str()),
+    );
+    let first = !subs.contains_key(&req.type_url);
+    let sub = subs.entry(req.type_url.clone()).or_default();
+    if first && req.resource_names_subscribe.is_empty() {
+        sub.wildcard = true;
+    }
+    for n in req.resource_names_subscribe {
+        if n == "*" {
+            sub.wildcard = true;
+        } else {
+            sub.names.insert(n);
         }
     }
+    for n in &req.resource_names_unsubscribe {
+        sub.names.remove(n);
+        sub.sent.remove(n);
+    }
+    req.type_url
 }
 
 #[tonic::async_trait]
@@ -289,7 +287,13 @@ impl AggregatedDiscoveryService for DemoControlPlane {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         println!("[control-plane] SotW stream opened");
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run_sotw(self.snapshot.subscribe(), req.into_inner(), tx));
+        tokio::spawn(drive(
+            self.snapshot.subscribe(),
+            req.into_inner(),
+            tx,
+            sotw_subscribe,
+            sotw_response,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -299,7 +303,13 @@ impl AggregatedDiscoveryService for DemoControlPlane {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         println!("[control-plane] Delta stream opened");
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run_delta(self.snapshot.subscribe(), req.into_inner(), tx));
+        tokio::spawn(drive(
+            self.snapshot.subscribe(),
+            req.into_inner(),
+            tx,
+            delta_subscribe,
+            delta_response,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -60,6 +60,15 @@ fn plain_ok(reg: &Registry) -> Opts {
     }
 }
 
+/// Options of a resource at `version` under `policy`.
+fn versioned(pull_policy: PullPolicy, version: &str) -> GetOptions {
+    GetOptions {
+        pull_policy,
+        resource_version: version.into(),
+        ..opts()
+    }
+}
+
 fn opts() -> GetOptions {
     GetOptions {
         timeout: Duration::from_secs(20),
@@ -198,14 +207,9 @@ async fn pull_policies_over_oci_follow_resource_versions() {
     let (m1, m2) = (module("v1"), module("v2"));
     reg.push("wasm/pp", "1.0", &m1, Layout::Artifact).await;
     let url = reg.url("wasm/pp:1.0");
-    let get = |policy, version: &str| GetOptions {
-        pull_policy: policy,
-        resource_version: version.into(),
-        ..opts()
-    };
 
     let a = cache
-        .get(&url, get(PullPolicy::Unspecified, "1"))
+        .get(&url, versioned(PullPolicy::Unspecified, "1"))
         .await
         .unwrap();
     assert_eq!(std::fs::read(&a.path).unwrap(), m1);
@@ -215,21 +219,27 @@ async fn pull_policies_over_oci_follow_resource_versions() {
         (PullPolicy::Unspecified, "3"),
         (PullPolicy::Always, "3"),
     ] {
-        let m = cache.get(&url, get(policy, version)).await.unwrap();
+        let m = cache.get(&url, versioned(policy, version)).await.unwrap();
         assert!(!m.fetched, "{policy:?} v{version}: no pull");
         assert_eq!(m.sha256, a.sha256);
     }
-    let b = cache.get(&url, get(PullPolicy::Always, "4")).await.unwrap();
+    let b = cache
+        .get(&url, versioned(PullPolicy::Always, "4"))
+        .await
+        .unwrap();
     assert!(b.fetched, "Always with a new resource version pulls");
     assert_eq!(std::fs::read(&b.path).unwrap(), m2);
-    let c = cache.get(&url, get(PullPolicy::Always, "4")).await.unwrap();
+    let c = cache
+        .get(&url, versioned(PullPolicy::Always, "4"))
+        .await
+        .unwrap();
     assert!(!c.fetched, "Always with the same version does not");
 
     // :latest (and an untagged reference) mean Always under the default policy.
     let (latest, untagged) = (reg.url("wasm/pp:latest"), reg.url("wasm/pp"));
     reg.push("wasm/pp", "latest", &m1, Layout::Artifact).await;
     let first = cache
-        .get(&latest, get(PullPolicy::Unspecified, "1"))
+        .get(&latest, versioned(PullPolicy::Unspecified, "1"))
         .await
         .unwrap();
     assert_eq!(first.sha256, sha256_hex(&m1));
@@ -264,7 +274,7 @@ async fn pull_policies_over_oci_follow_resource_versions() {
             "untagged means :latest",
         ),
     ] {
-        let m = cache.get(url, get(policy, version)).await.unwrap();
+        let m = cache.get(url, versioned(policy, version)).await.unwrap();
         assert_eq!(m.sha256, sha256_hex(want), "{why}");
     }
 }
@@ -278,32 +288,36 @@ async fn pull_policies_over_http_count_requests() {
     let (b1, b2) = (module("h1"), module("h2"));
     srv.put("p.wasm", b1.clone());
     let url = srv.url("p.wasm");
-    let get = |policy, version: &str| GetOptions {
-        pull_policy: policy,
-        resource_version: version.into(),
-        ..opts()
-    };
     let a = cache
-        .get(&url, get(PullPolicy::Unspecified, "1"))
+        .get(&url, versioned(PullPolicy::Unspecified, "1"))
         .await
         .unwrap();
     assert_eq!(srv.hits("p.wasm"), 1);
     cache
-        .get(&url, get(PullPolicy::Unspecified, "2"))
+        .get(&url, versioned(PullPolicy::Unspecified, "2"))
         .await
         .unwrap();
     assert_eq!(srv.hits("p.wasm"), 1);
     cache
-        .get(&url, get(PullPolicy::IfNotPresent, "3"))
+        .get(&url, versioned(PullPolicy::IfNotPresent, "3"))
         .await
         .unwrap();
-    cache.get(&url, get(PullPolicy::Always, "3")).await.unwrap();
+    cache
+        .get(&url, versioned(PullPolicy::Always, "3"))
+        .await
+        .unwrap();
     assert_eq!(srv.hits("p.wasm"), 1);
-    let same = cache.get(&url, get(PullPolicy::Always, "4")).await.unwrap();
+    let same = cache
+        .get(&url, versioned(PullPolicy::Always, "4"))
+        .await
+        .unwrap();
     assert_eq!(srv.hits("p.wasm"), 2);
     assert_eq!(same.path, a.path, "unchanged content, same file");
     srv.put("p.wasm", b2.clone());
-    let changed = cache.get(&url, get(PullPolicy::Always, "5")).await.unwrap();
+    let changed = cache
+        .get(&url, versioned(PullPolicy::Always, "5"))
+        .await
+        .unwrap();
     assert_eq!(srv.hits("p.wasm"), 3);
     assert_eq!(std::fs::read(&changed.path).unwrap(), b2);
 }

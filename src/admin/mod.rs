@@ -22,18 +22,21 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::wasm::Cache;
+use crate::xds::RejectionLog;
 
 /// What the admin pages read.
 pub struct AdminState {
     pub ready: AtomicBool,
     pub cache: Option<Arc<Cache>>,
+    pub rejections: Arc<RejectionLog>,
 }
 
 impl AdminState {
-    pub fn new(cache: Option<Arc<Cache>>) -> Arc<Self> {
+    pub fn new(cache: Option<Arc<Cache>>, rejections: Arc<RejectionLog>) -> Arc<Self> {
         Arc::new(Self {
             ready: AtomicBool::new(false),
             cache,
+            rejections,
         })
     }
 }
@@ -88,10 +91,16 @@ async fn stats(State(s): S) -> impl IntoResponse {
 }
 
 async fn debug_wasm(State(s): S) -> impl IntoResponse {
-    let body = match &s.cache {
+    let mut body = match &s.cache {
         Some(c) => serde_json::to_value(c.view()).unwrap_or_default(),
         None => serde_json::json!({"conversion": "disabled"}),
     };
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert(
+            "envoy_rejections".into(),
+            serde_json::to_value(s.rejections.snapshot()).unwrap_or_default(),
+        );
+    }
     axum::Json(body)
 }
 

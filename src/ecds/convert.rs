@@ -26,6 +26,8 @@ use crate::wasm::{Cache, GetOptions, Module};
 
 /// Istio's default when `http_uri.timeout` is absent.
 const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest `http_uri.timeout` honoured; larger (or absurd) values are clamped to it.
+pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(3600);
 const HEAL_INITIAL: Duration = Duration::from_secs(1);
 
 /// The `result` label of `istio_agent_wasm_config_conversion_count`.
@@ -130,6 +132,25 @@ fn rewrite(filter: &WasmFilter, name: &str, module: &Module) -> Any {
     wrap(name, filter.encode())
 }
 
+/// The fetch deadline a resource asks for: Istio's default when absent or zero, negative parts
+/// read as zero, and never more than [`MAX_FETCH_TIMEOUT`] (a control plane can send any i64).
+fn fetch_timeout(d: Option<envoy_types::pb::google::protobuf::Duration>) -> Duration {
+    let Some(d) = d else {
+        return DEFAULT_FETCH_TIMEOUT;
+    };
+    let secs = u64::try_from(d.seconds).unwrap_or(0);
+    let nanos = u64::try_from(d.nanos).unwrap_or(0);
+    if secs >= MAX_FETCH_TIMEOUT.as_secs() {
+        return MAX_FETCH_TIMEOUT;
+    }
+    let t = Duration::from_secs(secs) + Duration::from_nanos(nanos);
+    if t.is_zero() {
+        DEFAULT_FETCH_TIMEOUT
+    } else {
+        t.min(MAX_FETCH_TIMEOUT)
+    }
+}
+
 impl Converter {
     pub fn new(cache: Arc<Cache>, mode: FetchFailureMode, max_backoff: Duration) -> Self {
         Self {
@@ -224,11 +245,7 @@ impl Converter {
                 None,
             );
         }
-        let timeout = http_uri
-            .timeout
-            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-            .filter(|d| !d.is_zero())
-            .unwrap_or(DEFAULT_FETCH_TIMEOUT);
+        let timeout = fetch_timeout(http_uri.timeout);
         let opts = GetOptions {
             sha256: Some(remote.sha256).filter(|s| !s.is_empty()),
             resource_name: name.clone(),
@@ -278,5 +295,23 @@ impl Converter {
             }
             delay = (delay * 2).min(self.max_backoff);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::Duration as PbDuration;
+
+    #[test]
+    fn fetch_timeouts_are_clamped() {
+        let d = |seconds, nanos| Some(PbDuration { seconds, nanos });
+        assert_eq!(fetch_timeout(None), DEFAULT_FETCH_TIMEOUT);
+        assert_eq!(fetch_timeout(d(0, 0)), DEFAULT_FETCH_TIMEOUT);
+        assert_eq!(fetch_timeout(d(30, 0)), Duration::from_secs(30));
+        assert_eq!(fetch_timeout(d(i64::MAX, i32::MAX)), MAX_FETCH_TIMEOUT);
+        assert_eq!(fetch_timeout(d(3599, i32::MAX)), MAX_FETCH_TIMEOUT);
+        assert_eq!(fetch_timeout(d(-5, -1)), DEFAULT_FETCH_TIMEOUT);
+        assert_eq!(fetch_timeout(d(0, 5_000_000)), Duration::from_millis(5));
     }
 }

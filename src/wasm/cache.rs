@@ -371,7 +371,7 @@ impl Cache {
         let this = self.clone();
         let url_owned = url.to_owned();
         let secret = opts.pull_secret.clone();
-        let deadline = Instant::now() + opts.timeout;
+        let deadline = deadline_after(opts.timeout);
         let key2 = key.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
@@ -684,6 +684,13 @@ impl Cache {
                 .collect(),
         }
     }
+}
+
+/// `now + d`, saturating far in the future instead of overflowing the clock.
+pub(super) fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// The checksum a get must satisfy: `sha256` given, else a digest pinned in the URL.

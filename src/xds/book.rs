@@ -1,12 +1,21 @@
-//! Per-stream nonce bookkeeping that keeps the control plane's view consistent when the agent
-//! speaks for Envoy: exactly one reply per nonce the control plane sent, and never a nonce it
-//! did not send.
+//! The ECDS reply bookkeeping of one stream: the single owner of which upstream nonces were
+//! answered, what the agent delivered under which nonce, and which subscription the control
+//! plane knows. Pure state and decisions, no I/O: the stream loop and the ECDS session call
+//! it, `flavor` only supplies message shapes.
 //!
-//! * When the agent NACKs a response itself, Envoy's own reply to that nonce is swallowed.
-//! * Responses the agent originates (modules delivered by background retry) carry nonces with
-//!   [`AGENT_NONCE_PREFIX`]; Envoy's replies to them are swallowed.
-//! * A swallowed request that also changes the subscription still goes up, stripped of its
-//!   nonce and error, as a pure subscription message.
+//! Rules it enforces:
+//! * exactly one reply per upstream nonce the agent answered itself (a NACK): Envoy's own reply
+//!   to that nonce stays here, and so do replies to nonces the agent invented
+//!   ([`AGENT_NONCE_PREFIX`], background deliveries);
+//! * a subscription change is never lost: names count as known upstream only once they went up
+//!   in an ACK carrying the *latest* upstream nonce (SotW control planes ignore requests with an
+//!   older nonce, and a NACK does not change the subscription at istiod). A swallowed request
+//!   whose names differ goes up re-addressed to the latest nonce (SotW) or as a pure
+//!   subscription message (Delta);
+//! * Envoy's rejections of what the agent delivered are reported ([`Rejection`]), and go
+//!   upstream when the control plane has not had a reply to its latest nonce yet;
+//! * a new stream never carries ECDS versions upstream: Envoy may hold a stand-in under the
+//!   control plane's version, so the control plane must send the real resource again.
 
 use std::collections::VecDeque;
 
@@ -16,62 +25,204 @@ use crate::proto::type_url;
 /// Prefix of nonces the agent invents; control planes never see them.
 pub const AGENT_NONCE_PREFIX: &str = "ecds-agent/";
 
-/// How many agent-answered upstream nonces are remembered.
-const ANSWERED_MEMORY: usize = 256;
+/// How many nonces each memory keeps.
+const MEMORY: usize = 256;
 
-#[derive(Debug, Default)]
-pub struct NonceBook {
-    answered: VecDeque<String>,
-    /// Last non-empty ECDS `version_info` Envoy reported (SotW): what Envoy has accepted.
-    pub ecds_version: String,
-    /// Envoy's current ECDS subscription (SotW resource names).
-    pub ecds_names: Vec<String>,
-    /// The ECDS subscription as last forwarded upstream (SotW).
-    pub forwarded_ecds_names: Vec<String>,
+/// What the agent put into a response Envoy got (where it changed something).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Delivered {
+    pub converted: bool,
+    pub stand_in: bool,
+    pub healed: bool,
 }
 
-impl NonceBook {
-    /// Marks `nonce` as answered by the agent (call before Envoy can see the response).
-    pub fn answered_by_agent(&mut self, nonce: &str) {
-        if self.answered.len() == ANSWERED_MEMORY {
-            self.answered.pop_front();
+impl Delivered {
+    /// The `reason` label of an Envoy rejection of this delivery.
+    pub fn label(self) -> &'static str {
+        if self.healed {
+            "healed"
+        } else if self.stand_in {
+            "stand_in"
+        } else if self.converted {
+            "converted"
+        } else {
+            "unchanged"
         }
-        self.answered.push_back(nonce.to_owned());
+    }
+}
+
+/// Envoy rejected something the agent answered, originated or rewrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub nonce: String,
+    pub what: Delivered,
+    pub message: String,
+}
+
+/// What to do with one Envoy request.
+#[derive(Debug)]
+pub struct Decision<R> {
+    /// What goes upstream, if anything.
+    pub up: Option<R>,
+    /// Set when Envoy rejected something of the agent's.
+    pub rejection: Option<Rejection>,
+}
+
+/// A FIFO set with a bounded memory.
+#[derive(Debug, Default)]
+struct Recent<T>(VecDeque<T>);
+
+impl<T: PartialEq> Recent<T> {
+    fn push(&mut self, v: T) {
+        if self.0.len() == MEMORY {
+            self.0.pop_front();
+        }
+        self.0.push_back(v);
+    }
+}
+
+impl Recent<String> {
+    fn contains(&self, v: &str) -> bool {
+        self.0.iter().any(|x| x == v)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Book {
+    /// Nonce of the newest ECDS response received from upstream.
+    latest: Option<String>,
+    /// Upstream nonces the agent answered itself (NACKs).
+    answered_by_agent: Recent<String>,
+    /// Upstream nonces that had any reply upstream (the agent's or Envoy's).
+    replied: Recent<String>,
+    /// What the agent delivered under each nonce where it changed something.
+    delivered: Recent<(String, Delivered)>,
+    /// SotW: last non-empty ECDS `version_info` Envoy reported (what Envoy accepted).
+    envoy_version: String,
+    /// SotW: Envoy's current ECDS subscription.
+    envoy_names: Vec<String>,
+    /// SotW: the subscription the control plane knows (sent in an ACK of its latest nonce, or
+    /// in the first request).
+    known_names: Option<Vec<String>>,
+}
+
+impl Book {
+    /// An ECDS response with `nonce` arrived from upstream (before it is converted).
+    pub fn upstream_response(&mut self, nonce: &str) {
+        self.latest = Some(nonce.to_owned());
+    }
+
+    /// The agent NACKs `nonce` itself; returns the NACK to send upstream.
+    pub fn agent_nack<F: Flavor>(&mut self, nonce: &str, message: String) -> F::Req {
+        self.answered_by_agent.push(nonce.to_owned());
+        self.replied.push(nonce.to_owned());
+        F::nack(
+            type_url::ECDS,
+            nonce,
+            &self.envoy_version,
+            &self.envoy_names,
+            message,
+        )
+    }
+
+    /// Records what the agent changed in the response with `nonce` that goes to Envoy.
+    pub fn agent_delivered(&mut self, nonce: &str, what: Delivered) {
+        if what != Delivered::default() {
+            self.delivered.push((nonce.to_owned(), what));
+        }
+    }
+
+    fn delivered_under(&self, nonce: &str) -> Option<Delivered> {
+        self.delivered
+            .0
+            .iter()
+            .rev()
+            .find(|(n, _)| n == nonce)
+            .map(|(_, d)| *d)
     }
 
     fn is_agents(&self, nonce: &str) -> bool {
-        nonce.starts_with(AGENT_NONCE_PREFIX) || self.answered.iter().any(|n| n == nonce)
+        nonce.starts_with(AGENT_NONCE_PREFIX) || self.answered_by_agent.contains(nonce)
     }
 
-    /// Decides what of an Envoy request goes upstream: the request itself, its subscription
-    /// part only, or nothing.
-    pub fn filter<F: Flavor>(&mut self, req: F::Req) -> Option<F::Req> {
+    /// Decides what of an Envoy request goes upstream.
+    pub fn envoy_request<F: Flavor>(&mut self, mut req: F::Req) -> Decision<F::Req> {
         if F::req_type_url(&req) != type_url::ECDS {
-            return Some(req);
+            return Decision {
+                up: Some(req),
+                rejection: None,
+            };
         }
-        F::note_request(&req, self);
-        let nonce = F::req_nonce(&req);
-        if nonce.is_empty() || !self.is_agents(nonce) {
-            self.forwarded_ecds_names = self.ecds_names.clone();
-            return Some(req);
+        if let Some((version, names)) = F::sotw_state(&req) {
+            if !version.is_empty() {
+                self.envoy_version = version.to_owned();
+            }
+            self.envoy_names = names.to_vec();
         }
-        // The agent already answered this nonce (or invented it): Envoy's reply stays here.
-        match F::req_error(&req) {
-            Some(error) => tracing::warn!(
-                nonce,
-                %error,
-                "Envoy rejected an ECDS update the agent already answered; not forwarded"
-            ),
-            None => tracing::debug!(
-                nonce,
-                "Envoy's ACK of an agent-answered nonce not forwarded"
-            ),
+        let nonce = F::req_nonce(&req).to_owned();
+        let error = F::req_error(&req).map(str::to_owned);
+        let rejection = error.as_ref().and_then(|message| {
+            self.delivered_under(&nonce).map(|what| Rejection {
+                nonce: nonce.clone(),
+                what,
+                message: message.clone(),
+            })
+        });
+
+        if nonce.is_empty() {
+            // A new stream: ask for everything again (see the module docs).
+            F::forget_versions(&mut req);
+            self.note_sent::<F>(&req, true);
+            return Decision {
+                up: Some(req),
+                rejection,
+            };
         }
-        let out = F::changes_subscription(&req, self).then(|| F::subscription_only(req));
-        if out.is_some() {
-            self.forwarded_ecds_names = self.ecds_names.clone();
+        if !self.is_agents(&nonce) {
+            // Envoy's own reply to an upstream nonce: it goes up as it is.
+            self.replied.push(nonce.clone());
+            let latest = self.latest.as_deref() == Some(nonce.as_str());
+            self.note_sent::<F>(&req, latest && error.is_none());
+            return Decision {
+                up: Some(req),
+                rejection,
+            };
         }
-        out
+
+        // The agent answered (or invented) this nonce: Envoy's reply stays here, except what the
+        // control plane still needs to hear.
+        let latest_unreplied = self
+            .latest
+            .clone()
+            .filter(|l| !self.replied.contains(l.as_str()));
+        let up = match (&error, latest_unreplied) {
+            (Some(_), Some(latest)) => {
+                // Envoy rejected an agent delivery while the control plane waits for a reply to
+                // its latest nonce: Envoy's rejection is that reply.
+                self.replied.push(latest.clone());
+                Some(F::readdress(req, &latest, true))
+            }
+            _ if F::changes_subscription(&req, self.known_names.as_deref()) => {
+                let up = match &self.latest {
+                    Some(latest) if F::NAME == "sotw" => F::readdress(req, latest, false),
+                    _ => F::subscription_only(req),
+                };
+                self.note_sent::<F>(&up, true);
+                Some(up)
+            }
+            _ => None,
+        };
+        Decision { up, rejection }
+    }
+
+    /// Remembers the SotW names of a request that went up, when the control plane will take
+    /// them as the subscription.
+    fn note_sent<F: Flavor>(&mut self, req: &F::Req, counts: bool) {
+        if counts {
+            if let Some((_, names)) = F::sotw_state(req) {
+                self.known_names = Some(names.to_vec());
+            }
+        }
     }
 }
 
@@ -80,76 +231,217 @@ mod tests {
     use super::*;
     use crate::xds::flavor::{Delta, Sotw};
     use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+    use envoy_types::pb::google::rpc::Status;
 
-    fn sotw(nonce: &str, names: &[&str]) -> DiscoveryRequest {
+    fn sotw(nonce: &str, names: &[&str], error: Option<&str>) -> DiscoveryRequest {
         DiscoveryRequest {
             type_url: type_url::ECDS.into(),
             response_nonce: nonce.into(),
             resource_names: names.iter().map(|s| s.to_string()).collect(),
             version_info: "v1".into(),
+            error_detail: error.map(|m| Status {
+                code: 3,
+                message: m.into(),
+                details: vec![],
+            }),
             ..Default::default()
         }
     }
 
+    /// One step of a table: an event, and what must go upstream (nonce, names, error?).
+    enum Step {
+        Upstream(&'static str),
+        AgentNack(&'static str),
+        Delivered(&'static str, Delivered),
+        Envoy(
+            DiscoveryRequest,
+            Option<(&'static str, &'static [&'static str], bool)>,
+        ),
+    }
+
+    fn run_sotw(steps: Vec<Step>) -> Vec<Rejection> {
+        let mut b = Book::default();
+        let mut rejections = vec![];
+        for (i, step) in steps.into_iter().enumerate() {
+            match step {
+                Step::Upstream(n) => b.upstream_response(n),
+                Step::AgentNack(n) => {
+                    let nack = b.agent_nack::<Sotw>(n, "bad".into());
+                    assert_eq!(nack.response_nonce, n);
+                    assert!(nack.error_detail.is_some());
+                }
+                Step::Delivered(n, d) => b.agent_delivered(n, d),
+                Step::Envoy(req, want) => {
+                    let d = b.envoy_request::<Sotw>(req);
+                    rejections.extend(d.rejection);
+                    let got = d.up.as_ref().map(|r| {
+                        (
+                            r.response_nonce.as_str(),
+                            r.resource_names.clone(),
+                            r.error_detail.is_some(),
+                        )
+                    });
+                    let want = want
+                        .map(|(n, names, e)| (n, names.iter().map(|s| s.to_string()).collect(), e));
+                    assert_eq!(got, want, "step {i}");
+                }
+            }
+        }
+        rejections
+    }
+
+    const STAND_IN: Delivered = Delivered {
+        converted: false,
+        stand_in: true,
+        healed: false,
+    };
+    const HEALED: Delivered = Delivered {
+        converted: true,
+        stand_in: false,
+        healed: true,
+    };
+
     #[test]
-    fn sotw_replies_to_agent_nonces_stay_unless_the_subscription_changes() {
-        let mut b = NonceBook::default();
-        assert!(
-            b.filter::<Sotw>(sotw("", &["a"])).is_some(),
-            "initial request goes up"
+    fn sotw_table() {
+        use Step::*;
+        let rejections = run_sotw(vec![
+            // The first request goes up (its version dropped: see forget_versions).
+            Envoy(sotw("", &["a"], None), Some(("", &["a"], false))),
+            Upstream("n1"),
+            AgentNack("n1"),
+            Delivered("n1", STAND_IN),
+            // Envoy's ACK of a nonce the agent NACKed stays here.
+            Envoy(sotw("n1", &["a"], None), None),
+            // So does its reply to an agent delivery.
+            Envoy(sotw("ecds-agent/1/1", &["a"], None), None),
+            // A subscription change in a swallowed reply goes up under the latest nonce.
+            Envoy(
+                sotw("ecds-agent/1/1", &["a", "b"], None),
+                Some(("n1", &["a", "b"], false)),
+            ),
+            // Replies to other upstream nonces go up as they are.
+            Upstream("n2"),
+            Envoy(
+                sotw("n2", &["a", "b"], None),
+                Some(("n2", &["a", "b"], false)),
+            ),
+        ]);
+        assert!(rejections.is_empty());
+    }
+
+    #[test]
+    fn sotw_change_during_conversion_is_not_lost() {
+        use Step::*;
+        // n2 arrives from upstream while Envoy, still at n1, changes its names; n2 then partly
+        // fails. The change went up with a stale nonce (ignored upstream), so Envoy's later ACK
+        // of n2 must carry it up again.
+        run_sotw(vec![
+            Envoy(sotw("", &["a"], None), Some(("", &["a"], false))),
+            Upstream("n1"),
+            Envoy(sotw("n1", &["a"], None), Some(("n1", &["a"], false))),
+            Upstream("n2"),
+            Envoy(
+                sotw("n1", &["a", "b"], None),
+                Some(("n1", &["a", "b"], false)),
+            ),
+            AgentNack("n2"),
+            Envoy(
+                sotw("n2", &["a", "b"], None),
+                Some(("n2", &["a", "b"], false)),
+            ),
+            // Once known upstream, the same names are not repeated.
+            Envoy(sotw("ecds-agent/1/1", &["a", "b"], None), None),
+        ]);
+    }
+
+    #[test]
+    fn envoy_rejections_are_reported_and_reach_an_unanswered_nonce() {
+        use Step::*;
+        let rejections = run_sotw(vec![
+            Envoy(sotw("", &["a"], None), Some(("", &["a"], false))),
+            Upstream("n1"),
+            AgentNack("n1"),
+            Delivered("n1", STAND_IN),
+            // Rejected stand-in: n1 was already answered by the agent, so it stays here.
+            Envoy(sotw("n1", &["a"], Some("no RBAC")), None),
+            // A healed delivery rejected while upstream waits for a reply to n2: it goes up.
+            Upstream("n2"),
+            Delivered("ecds-agent/1/1", HEALED),
+            Envoy(
+                sotw("ecds-agent/1/1", &["a"], Some("V8 cannot compile")),
+                Some(("n2", &["a"], true)),
+            ),
+            // n2 is answered now: a second rejection only gets reported.
+            Delivered("ecds-agent/1/2", HEALED),
+            Envoy(sotw("ecds-agent/1/2", &["a"], Some("again")), None),
+        ]);
+        let what: Vec<_> = rejections
+            .iter()
+            .map(|r| (r.nonce.as_str(), r.what.label()))
+            .collect();
+        assert_eq!(
+            what,
+            [
+                ("n1", "stand_in"),
+                ("ecds-agent/1/1", "healed"),
+                ("ecds-agent/1/2", "healed")
+            ]
         );
-        b.answered_by_agent("n1");
-        assert!(
-            b.filter::<Sotw>(sotw("n1", &["a"])).is_none(),
-            "ACK of an agent-NACKed nonce"
-        );
-        assert!(
-            b.filter::<Sotw>(sotw("ecds-agent/1/1", &["a"])).is_none(),
-            "ACK of an agent delivery"
-        );
-        let up = b
-            .filter::<Sotw>(sotw("ecds-agent/1/1", &["a", "b"]))
-            .expect("subscription change");
-        assert!(up.response_nonce.is_empty() && up.error_detail.is_none());
-        assert_eq!(up.resource_names, vec!["a", "b"]);
-        assert!(
-            b.filter::<Sotw>(sotw("n2", &["a", "b"])).is_some(),
-            "other nonces go up"
-        );
-        let mut other = sotw("x", &[]);
-        other.type_url = type_url::LISTENER.into();
-        assert!(
-            b.filter::<Sotw>(other).is_some(),
-            "other types are never filtered"
-        );
-        assert_eq!(b.ecds_version, "v1");
+    }
+
+    #[test]
+    fn first_request_forgets_versions() {
+        let mut b = Book::default();
+        let up = b.envoy_request::<Sotw>(sotw("", &["a"], None)).up.unwrap();
+        assert!(up.version_info.is_empty());
+        let delta = DeltaDiscoveryRequest {
+            type_url: type_url::ECDS.into(),
+            resource_names_subscribe: vec!["a".into()],
+            initial_resource_versions: [("a".to_string(), "v1".to_string())].into(),
+            ..Default::default()
+        };
+        let up = b.envoy_request::<Delta>(delta).up.unwrap();
+        assert!(up.initial_resource_versions.is_empty());
+        assert_eq!(up.resource_names_subscribe, ["a"]);
+        // Other types keep theirs.
+        let cds = DeltaDiscoveryRequest {
+            type_url: type_url::CLUSTER.into(),
+            initial_resource_versions: [("c".to_string(), "v1".to_string())].into(),
+            ..Default::default()
+        };
+        let up = b.envoy_request::<Delta>(cds).up.unwrap();
+        assert_eq!(up.initial_resource_versions.len(), 1);
     }
 
     #[test]
     fn delta_subscription_changes_still_go_up() {
-        let mut b = NonceBook::default();
-        b.answered_by_agent("d1");
+        let mut b = Book::default();
+        b.upstream_response("d1");
+        let _ = b.agent_nack::<Delta>("d1", "x".into());
         let ack = DeltaDiscoveryRequest {
             type_url: type_url::ECDS.into(),
             response_nonce: "d1".into(),
             ..Default::default()
         };
-        assert!(b.filter::<Delta>(ack.clone()).is_none());
+        assert!(b.envoy_request::<Delta>(ack.clone()).up.is_none());
         let sub = DeltaDiscoveryRequest {
             resource_names_subscribe: vec!["z".into()],
             ..ack
         };
-        let up = b.filter::<Delta>(sub).expect("subscription change");
-        assert!(up.response_nonce.is_empty());
+        let up = b
+            .envoy_request::<Delta>(sub)
+            .up
+            .expect("subscription change");
+        assert!(up.response_nonce.is_empty() && up.error_detail.is_none());
     }
 
     #[test]
-    fn answered_memory_is_bounded() {
-        let mut b = NonceBook::default();
-        for i in 0..(ANSWERED_MEMORY + 10) {
-            b.answered_by_agent(&i.to_string());
+    fn memory_is_bounded() {
+        let mut b = Book::default();
+        for i in 0..(MEMORY + 10) {
+            let _ = b.agent_nack::<Sotw>(&i.to_string(), String::new());
         }
-        assert_eq!(b.answered.len(), ANSWERED_MEMORY);
-        assert!(!b.is_agents("0") && b.is_agents(&(ANSWERED_MEMORY + 9).to_string()));
+        assert_eq!(b.answered_by_agent.0.len(), MEMORY);
+        assert!(!b.is_agents("0") && b.is_agents(&(MEMORY + 9).to_string()));
     }
 }

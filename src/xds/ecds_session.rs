@@ -7,19 +7,25 @@
 //! Failed fetches keep retrying in the background; when a module arrives the converted
 //! resource is delivered to Envoy under an agent nonce, without waiting for a new push. A
 //! newer push of the same resource (or its removal) cancels the retry.
+//!
+//! A newer push supersedes older ones: queued responses whose resources a later response
+//! covers are dropped, and a conversion in progress (say, a dead URL waiting for its timeout)
+//! is abandoned as soon as such a response arrives. TTL heartbeats (envelopes without a body)
+//! go to Envoy untouched; TTL'd resources with a body convert and keep their envelope.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::service::discovery::v3::Resource;
 use envoy_types::pb::google::protobuf::Any;
+use futures::StreamExt;
 use metrics::{counter, histogram};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
-use super::book::{NonceBook, AGENT_NONCE_PREFIX};
+use super::book::{Book, Delivered, AGENT_NONCE_PREFIX};
 use super::flavor::{Carried, Flavor};
 use super::stream::DownTx;
 use crate::admin::metrics as m;
@@ -29,6 +35,12 @@ use crate::wasm::Module;
 
 /// Envoy went away; the session ends.
 struct Gone;
+
+/// Resources of one response converted at once (the rest wait; order is kept).
+const CONVERT_CONCURRENCY: usize = 32;
+/// Longest text of one failure in a NACK; the whole `error_detail` stays under 4 KiB.
+const NACK_PART_MAX: usize = 512;
+const NACK_MAX: usize = 3800;
 
 struct Heal {
     generation: u64,
@@ -52,7 +64,7 @@ struct Failure {
 pub(crate) struct EcdsSession<F: Flavor> {
     id: u64,
     conv: Arc<Converter>,
-    book: Arc<Mutex<NonceBook>>,
+    book: Arc<Mutex<Book>>,
     down_tx: DownTx<F>,
     up_tx: mpsc::UnboundedSender<F::Req>,
     heals: HashMap<String, Heal>,
@@ -77,7 +89,7 @@ impl<F: Flavor> EcdsSession<F> {
     pub fn spawn(
         id: u64,
         conv: Arc<Converter>,
-        book: Arc<Mutex<NonceBook>>,
+        book: Arc<Mutex<Book>>,
         down_tx: DownTx<F>,
         up_tx: mpsc::UnboundedSender<F::Req>,
     ) -> (mpsc::UnboundedSender<F::Resp>, JoinHandle<()>) {
@@ -104,19 +116,39 @@ impl<F: Flavor> EcdsSession<F> {
         mut rx: mpsc::UnboundedReceiver<F::Resp>,
         mut healed: mpsc::UnboundedReceiver<Healed>,
     ) {
+        let mut queue: VecDeque<F::Resp> = VecDeque::new();
         loop {
-            let step = tokio::select! {
-                biased;
-                r = rx.recv() => match r {
-                    Some(resp) => self.on_response(resp).await,
-                    None => return,
-                },
-                Some(h) = healed.recv() => self.on_healed(h).await,
+            if queue.is_empty() {
+                let step = tokio::select! {
+                    biased;
+                    r = rx.recv() => match r {
+                        Some(resp) => {
+                            queue.push_back(resp);
+                            Ok(())
+                        }
+                        None => return,
+                    },
+                    Some(h) = healed.recv() => self.on_healed(h).await,
+                };
+                if step.is_err() {
+                    return;
+                }
+            }
+            while let Ok(resp) = rx.try_recv() {
+                queue.push_back(resp);
+            }
+            coalesce::<F>(&mut queue);
+            let Some(resp) = queue.pop_front() else {
+                continue;
             };
-            if step.is_err() {
+            if self.on_response(resp, &mut rx, &mut queue).await.is_err() {
                 return;
             }
         }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn supersede(&mut self, name: &str) {
@@ -125,31 +157,75 @@ impl<F: Flavor> EcdsSession<F> {
         }
     }
 
-    async fn on_response(&mut self, mut resp: F::Resp) -> Result<(), Gone> {
+    /// Converts and delivers one response. Newer responses arriving meanwhile join `queue`;
+    /// one that covers this response's resources abandons it.
+    async fn on_response(
+        &mut self,
+        mut resp: F::Resp,
+        rx: &mut mpsc::UnboundedReceiver<F::Resp>,
+        queue: &mut VecDeque<F::Resp>,
+    ) -> Result<(), Gone> {
         let started = Instant::now();
         let nonce = F::resp_nonce(&resp).to_owned();
+        let names = F::resp_names(&resp);
+        let mut items = F::take_resources(&mut resp);
+        let total = items.len();
+        let bodies: Vec<Option<Any>> = items.iter_mut().map(|c| c.any.take()).collect();
+        let conv = self.conv.clone();
+        let outcomes = {
+            let conversion = futures::stream::iter(bodies.into_iter().map(move |body| {
+                let conv = conv.clone();
+                async move {
+                    let outcome = match &body {
+                        Some(any) => Some(conv.convert(any).await),
+                        None => None, // a TTL heartbeat
+                    };
+                    (body, outcome)
+                }
+            }))
+            .buffered(CONVERT_CONCURRENCY)
+            .collect::<Vec<_>>();
+            tokio::pin!(conversion);
+            loop {
+                tokio::select! {
+                    o = &mut conversion => break o,
+                    r = rx.recv() => {
+                        let Some(newer) = r else { return Err(Gone) };
+                        let covers = covers(&F::resp_names(&newer), &names);
+                        queue.push_back(newer);
+                        if covers {
+                            info!(%nonce, "ECDS response superseded by a newer push while converting; abandoned");
+                            counter!(m::ECDS_SUPERSEDED).increment(1);
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        };
+        histogram!(m::CONVERSION_DURATION).record(started.elapsed().as_secs_f64() * 1000.0);
         self.version = F::resp_version(&resp).to_owned();
         for name in F::removed(&resp).to_vec() {
             self.supersede(&name);
             self.conv.cache().pin(self.id, &name, None);
         }
-        let items = F::take_resources(&mut resp);
-        let total = items.len();
-        let outcomes =
-            futures::future::join_all(items.iter().map(|c| self.conv.convert(&c.any))).await;
-        histogram!(m::CONVERSION_DURATION).record(started.elapsed().as_secs_f64() * 1000.0);
 
         let mut deliver = Vec::with_capacity(total);
         let mut failures = Vec::new();
-        for (i, (item, outcome)) in items.into_iter().zip(outcomes).enumerate() {
+        let mut delivered = Delivered::default();
+        for (i, (mut item, (body, outcome))) in items.into_iter().zip(outcomes).enumerate() {
+            item.any = body;
             let envelope_name = item.envelope.as_ref().map(|r| r.name.clone());
+            let Some(outcome) = outcome else {
+                deliver.push(item);
+                continue;
+            };
             match outcome {
                 Outcome::Unchanged { name, stripped } => {
                     self.supersede(&name);
                     self.conv.cache().pin(self.id, &name, None);
                     match stripped {
                         Some(any) => deliver.push(Carried {
-                            any,
+                            any: Some(any),
                             envelope: item.envelope,
                         }),
                         None => deliver.push(item),
@@ -160,8 +236,9 @@ impl<F: Flavor> EcdsSession<F> {
                     self.conv.cache().pin(self.id, &name, Some(&module.sha256));
                     info!(resource = %name, path = %module.path.display(), sha256 = %module.sha256,
                           fetched = module.fetched, "Wasm module delivered as local file");
+                    delivered.converted = true;
                     deliver.push(Carried {
-                        any,
+                        any: Some(any),
                         envelope: item.envelope,
                     });
                 }
@@ -177,8 +254,9 @@ impl<F: Flavor> EcdsSession<F> {
                     warn!(resource = %name, %error, stand_in = standin.is_some(), retrying = heal.is_some(),
                           "Wasm module unavailable");
                     if let Some(any) = standin {
+                        delivered.stand_in = true;
                         deliver.push(Carried {
-                            any,
+                            any: Some(any),
                             envelope: item.envelope.clone(),
                         });
                     }
@@ -209,13 +287,9 @@ impl<F: Flavor> EcdsSession<F> {
         if !failures.is_empty() {
             let message = nack_message(&failures, total);
             let reason = nack_reason(&failures);
-            let nack = {
-                let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
-                if delivering {
-                    book.answered_by_agent(&nonce);
-                }
-                F::nack(type_url::ECDS, &nonce, &book, message.clone())
-            };
+            // Answered here: Envoy's own reply to this nonce stays with the agent (when Envoy
+            // gets nothing, it sends none).
+            let nack = self.book().agent_nack::<F>(&nonce, message.clone());
             warn!(%nonce, %reason, %message, "NACK sent to the control plane");
             counter!(m::NACKS_SENT, "reason" => reason).increment(1);
             counter!(m::XDS_PROXY_REQUESTS).increment(1);
@@ -224,6 +298,7 @@ impl<F: Flavor> EcdsSession<F> {
             }
         }
         if delivering {
+            self.book().agent_delivered(&nonce, delivered);
             F::set_resources(&mut resp, deliver);
             self.down_tx.send(Ok(resp)).await.map_err(|_| Gone)?;
         }
@@ -275,8 +350,16 @@ impl<F: Flavor> EcdsSession<F> {
             &self.version,
             nonce.clone(),
             Carried {
-                any: h.any,
+                any: Some(h.any),
                 envelope: heal.envelope,
+            },
+        );
+        self.book().agent_delivered(
+            &nonce,
+            Delivered {
+                converted: true,
+                healed: true,
+                ..Default::default()
             },
         );
         info!(resource = %h.name, path = %h.module.path.display(), %nonce,
@@ -287,17 +370,72 @@ impl<F: Flavor> EcdsSession<F> {
     }
 }
 
+/// Whether a response naming `newer` makes one naming `older` obsolete.
+fn covers(newer: &[String], older: &[String]) -> bool {
+    let newer: HashSet<&str> = newer.iter().map(String::as_str).collect();
+    older.iter().all(|n| newer.contains(n.as_str()))
+}
+
+/// Drops queued responses that a later queued response covers.
+fn coalesce<F: Flavor>(queue: &mut VecDeque<F::Resp>) {
+    if queue.len() < 2 {
+        return;
+    }
+    let names: Vec<Vec<String>> = queue.iter().map(F::resp_names).collect();
+    let mut i = 0;
+    let mut keep = vec![true; names.len()];
+    while i < names.len() {
+        keep[i] = !names[i + 1..].iter().any(|later| covers(later, &names[i]));
+        i += 1;
+    }
+    let mut idx = 0;
+    queue.retain(|_| {
+        let k = keep[idx];
+        idx += 1;
+        if !k {
+            counter!(m::ECDS_SUPERSEDED).increment(1);
+        }
+        k
+    });
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), marked when cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The NACK's `error_detail` text: each failure (clipped), the whole under 4 KiB. The full
+/// errors are in the log and on `/debug/wasm`.
 fn nack_message(failures: &[Failure], total: usize) -> String {
-    let parts: Vec<String> = failures
-        .iter()
-        .map(|f| format!("resource {:?}: {}", f.name, f.error))
-        .collect();
-    format!(
-        "ecds-agent: {} of {} ECDS resource(s) not converted: {}",
+    let mut out = format!(
+        "ecds-agent: {} of {} ECDS resource(s) not converted: ",
         failures.len(),
-        total,
-        parts.join("; ")
-    )
+        total
+    );
+    for (i, f) in failures.iter().enumerate() {
+        let part = format!(
+            "{}resource {:?}: {}",
+            if i > 0 { "; " } else { "" },
+            clip(&f.name, 200),
+            clip(&f.error, NACK_PART_MAX)
+        );
+        if out.len() + part.len() > NACK_MAX {
+            out.push_str(&format!(
+                "; … and {} more (see the agent log and /debug/wasm)",
+                failures.len() - i
+            ));
+            break;
+        }
+        out.push_str(&part);
+    }
+    out
 }
 
 fn nack_reason(failures: &[Failure]) -> &'static str {
@@ -309,5 +447,40 @@ fn nack_reason(failures: &[Failure]) -> &'static str {
         first
     } else {
         "mixed"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn newer_pushes_cover_older_ones() {
+        assert!(covers(&names(&["a", "b"]), &names(&["a"])));
+        assert!(covers(&names(&["a"]), &names(&["a"])));
+        assert!(!covers(&names(&["a"]), &names(&["a", "b"])));
+        assert!(covers(&names(&["a"]), &names(&[])));
+    }
+
+    #[test]
+    fn nack_text_stays_under_4k() {
+        let failures: Vec<Failure> = (0..50)
+            .map(|i| Failure {
+                name: format!("r{i}"),
+                error: "x".repeat(10_000),
+                result: ConversionResult::FetchFailure,
+            })
+            .collect();
+        let m = nack_message(&failures, 50);
+        assert!(m.len() < 4096, "{}", m.len());
+        assert!(m.starts_with(
+            "ecds-agent: 50 of 50 ECDS resource(s) not converted: resource \"r0\": xxx"
+        ));
+        assert!(m.contains("more (see the agent log and /debug/wasm)"));
+        assert_eq!(clip("héllo", 2), "h…");
     }
 }

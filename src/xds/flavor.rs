@@ -5,27 +5,70 @@
 
 use std::future::Future;
 
+use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Status, Streaming};
 
-use super::book::NonceBook;
 use super::upstream::AdsClient;
 use crate::proto::type_url;
 
 /// gRPC code INTERNAL, as Istio's agent uses in its NACKs.
 const CODE_INTERNAL: i32 = 13;
 
-/// One resource of a response as it travels through conversion: the payload plus, for Delta,
-/// the envelope (`name`, `version`, `aliases`, `ttl`, …) with its `resource` taken out.
+/// One resource of a response as it travels through conversion: the payload plus its
+/// envelope (`name`, `version`, `aliases`, `ttl`, …) with the body taken out — always in Delta,
+/// and in SotW when the control plane wrapped it in a `Resource` (TTL).
 #[derive(Debug, Clone)]
 pub struct Carried {
-    pub any: Any,
+    /// The resource; `None` for a TTL heartbeat (an envelope without a body), which goes to
+    /// Envoy untouched.
+    pub any: Option<Any>,
     pub envelope: Option<Resource>,
+}
+
+impl Carried {
+    /// Delta: the envelope with the body put back.
+    fn into_resource(self) -> Resource {
+        let mut res = self.envelope.unwrap_or_default();
+        res.resource = self.any;
+        res
+    }
+
+    /// SotW: the body, re-wrapped in its `Resource` if it came in one.
+    fn into_sotw_any(self) -> Any {
+        match self.envelope {
+            None => self.any.unwrap_or_default(),
+            Some(mut res) => {
+                res.resource = self.any;
+                Any {
+                    type_url: type_url::RESOURCE.into(),
+                    value: res.encode_to_vec(),
+                }
+            }
+        }
+    }
+
+    /// SotW: unwraps a `Resource` wrapper; anything else is carried as it is.
+    fn from_sotw_any(any: Any) -> Self {
+        if any.type_url == type_url::RESOURCE {
+            if let Ok(mut res) = Resource::decode(any.value.as_slice()) {
+                return Carried {
+                    any: res.resource.take(),
+                    envelope: Some(res),
+                };
+            }
+        }
+        Carried {
+            any: Some(any),
+            envelope: None,
+        }
+    }
 }
 
 pub trait Flavor: Send + Sync + 'static {
@@ -44,13 +87,18 @@ pub trait Flavor: Send + Sync + 'static {
     fn req_nonce(r: &Self::Req) -> &str;
     /// Envoy's rejection message, when the request is a NACK.
     fn req_error(r: &Self::Req) -> Option<&str>;
-    /// Records what an Envoy request says about its ECDS state (version, subscription).
-    fn note_request(r: &Self::Req, book: &mut NonceBook);
-    /// Whether a request the agent would swallow also changes the subscription
-    /// (then it must still go upstream, stripped of its reply part).
-    fn changes_subscription(r: &Self::Req, book: &NonceBook) -> bool;
+    /// SotW only: the version Envoy reports and the names it subscribes to.
+    fn sotw_state(r: &Self::Req) -> Option<(&str, &[String])>;
+    /// Whether a request the agent would swallow changes the subscription the control plane
+    /// knows (`known`: SotW names; Delta requests carry changes themselves).
+    fn changes_subscription(r: &Self::Req, known: Option<&[String]>) -> bool;
     /// The request with its reply part (nonce, error) removed: a pure subscription message.
     fn subscription_only(r: Self::Req) -> Self::Req;
+    /// The request as a reply to `nonce`, with Envoy's error kept only if `keep_error`.
+    fn readdress(r: Self::Req, nonce: &str, keep_error: bool) -> Self::Req;
+    /// Drops the resource versions Envoy says it holds (SotW `version_info`, Delta
+    /// `initial_resource_versions`), so the control plane sends everything again.
+    fn forget_versions(r: &mut Self::Req);
 
     fn resp_type_url(r: &Self::Resp) -> &str;
     fn resp_nonce(r: &Self::Resp) -> &str;
@@ -59,9 +107,19 @@ pub trait Flavor: Send + Sync + 'static {
     fn set_resources(r: &mut Self::Resp, items: Vec<Carried>);
     /// Names the response removes (Delta only).
     fn removed(r: &Self::Resp) -> &[String];
+    /// Every resource name a response sets or removes (what a newer push must cover to make
+    /// it obsolete).
+    fn resp_names(r: &Self::Resp) -> Vec<String>;
 
-    /// The NACK for `nonce`, carrying `message` with code INTERNAL.
-    fn nack(type_url: &str, nonce: &str, book: &NonceBook, message: String) -> Self::Req;
+    /// The NACK for `nonce`, carrying `message` with code INTERNAL; SotW NACKs repeat the
+    /// version Envoy accepted last and its subscription.
+    fn nack(
+        type_url: &str,
+        nonce: &str,
+        version: &str,
+        names: &[String],
+        message: String,
+    ) -> Self::Req;
     /// A response the agent sends on its own (a module delivered by background retry).
     fn originate(type_url: &str, version: &str, nonce: String, item: Carried) -> Self::Resp;
 }
@@ -72,6 +130,23 @@ fn error_detail(message: String) -> Option<RpcStatus> {
         message,
         details: vec![],
     })
+}
+
+/// The name of a SotW ECDS resource (bare or in a `Resource` wrapper); empty if it has none.
+fn sotw_name(any: &Any) -> String {
+    let tec = |bytes: &[u8]| {
+        TypedExtensionConfig::decode(bytes)
+            .map(|t| t.name)
+            .unwrap_or_default()
+    };
+    if any.type_url != type_url::RESOURCE {
+        return tec(&any.value);
+    }
+    match Resource::decode(any.value.as_slice()) {
+        Ok(r) if !r.name.is_empty() => r.name,
+        Ok(r) => r.resource.map(|b| tec(&b.value)).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
 }
 
 /// State-of-the-World ADS (`StreamAggregatedResources`).
@@ -101,22 +176,26 @@ impl Flavor for Sotw {
     fn req_error(r: &Self::Req) -> Option<&str> {
         r.error_detail.as_ref().map(|e| e.message.as_str())
     }
-    fn note_request(r: &Self::Req, book: &mut NonceBook) {
-        if r.type_url != type_url::ECDS {
-            return;
-        }
-        if !r.version_info.is_empty() {
-            book.ecds_version = r.version_info.clone();
-        }
-        book.ecds_names = r.resource_names.clone();
+    fn sotw_state(r: &Self::Req) -> Option<(&str, &[String])> {
+        Some((&r.version_info, &r.resource_names))
     }
-    fn changes_subscription(r: &Self::Req, book: &NonceBook) -> bool {
-        r.resource_names != book.forwarded_ecds_names
+    fn changes_subscription(r: &Self::Req, known: Option<&[String]>) -> bool {
+        known != Some(r.resource_names.as_slice())
     }
     fn subscription_only(mut r: Self::Req) -> Self::Req {
         r.response_nonce.clear();
         r.error_detail = None;
         r
+    }
+    fn readdress(mut r: Self::Req, nonce: &str, keep_error: bool) -> Self::Req {
+        r.response_nonce = nonce.to_owned();
+        if !keep_error {
+            r.error_detail = None;
+        }
+        r
+    }
+    fn forget_versions(r: &mut Self::Req) {
+        r.version_info.clear();
     }
 
     fn resp_type_url(r: &Self::Resp) -> &str {
@@ -131,23 +210,29 @@ impl Flavor for Sotw {
     fn take_resources(r: &mut Self::Resp) -> Vec<Carried> {
         std::mem::take(&mut r.resources)
             .into_iter()
-            .map(|any| Carried {
-                any,
-                envelope: None,
-            })
+            .map(Carried::from_sotw_any)
             .collect()
     }
     fn set_resources(r: &mut Self::Resp, items: Vec<Carried>) {
-        r.resources = items.into_iter().map(|c| c.any).collect();
+        r.resources = items.into_iter().map(Carried::into_sotw_any).collect();
     }
     fn removed(_: &Self::Resp) -> &[String] {
         &[]
     }
+    fn resp_names(r: &Self::Resp) -> Vec<String> {
+        r.resources.iter().map(sotw_name).collect()
+    }
 
-    fn nack(type_url: &str, nonce: &str, book: &NonceBook, message: String) -> Self::Req {
+    fn nack(
+        type_url: &str,
+        nonce: &str,
+        version: &str,
+        names: &[String],
+        message: String,
+    ) -> Self::Req {
         DiscoveryRequest {
-            version_info: book.ecds_version.clone(),
-            resource_names: book.ecds_names.clone(),
+            version_info: version.to_owned(),
+            resource_names: names.to_vec(),
             type_url: type_url.to_owned(),
             response_nonce: nonce.to_owned(),
             error_detail: error_detail(message),
@@ -157,7 +242,7 @@ impl Flavor for Sotw {
     fn originate(type_url: &str, version: &str, nonce: String, item: Carried) -> Self::Resp {
         DiscoveryResponse {
             version_info: version.to_owned(),
-            resources: vec![item.any],
+            resources: vec![item.into_sotw_any()],
             type_url: type_url.to_owned(),
             nonce,
             ..Default::default()
@@ -192,14 +277,26 @@ impl Flavor for Delta {
     fn req_error(r: &Self::Req) -> Option<&str> {
         r.error_detail.as_ref().map(|e| e.message.as_str())
     }
-    fn note_request(_: &Self::Req, _: &mut NonceBook) {}
-    fn changes_subscription(r: &Self::Req, _: &NonceBook) -> bool {
+    fn sotw_state(_: &Self::Req) -> Option<(&str, &[String])> {
+        None
+    }
+    fn changes_subscription(r: &Self::Req, _: Option<&[String]>) -> bool {
         !r.resource_names_subscribe.is_empty() || !r.resource_names_unsubscribe.is_empty()
     }
     fn subscription_only(mut r: Self::Req) -> Self::Req {
         r.response_nonce.clear();
         r.error_detail = None;
         r
+    }
+    fn readdress(mut r: Self::Req, nonce: &str, keep_error: bool) -> Self::Req {
+        r.response_nonce = nonce.to_owned();
+        if !keep_error {
+            r.error_detail = None;
+        }
+        r
+    }
+    fn forget_versions(r: &mut Self::Req) {
+        r.initial_resource_versions.clear();
     }
 
     fn resp_type_url(r: &Self::Resp) -> &str {
@@ -215,26 +312,26 @@ impl Flavor for Delta {
         std::mem::take(&mut r.resources)
             .into_iter()
             .map(|mut res| Carried {
-                any: res.resource.take().unwrap_or_default(),
+                any: res.resource.take(),
                 envelope: Some(res),
             })
             .collect()
     }
     fn set_resources(r: &mut Self::Resp, items: Vec<Carried>) {
-        r.resources = items
-            .into_iter()
-            .map(|c| {
-                let mut res = c.envelope.unwrap_or_default();
-                res.resource = Some(c.any);
-                res
-            })
-            .collect();
+        r.resources = items.into_iter().map(Carried::into_resource).collect();
     }
     fn removed(r: &Self::Resp) -> &[String] {
         &r.removed_resources
     }
+    fn resp_names(r: &Self::Resp) -> Vec<String> {
+        r.resources
+            .iter()
+            .map(|res| res.name.clone())
+            .chain(r.removed_resources.iter().cloned())
+            .collect()
+    }
 
-    fn nack(type_url: &str, nonce: &str, _: &NonceBook, message: String) -> Self::Req {
+    fn nack(type_url: &str, nonce: &str, _: &str, _: &[String], message: String) -> Self::Req {
         // Empty subscribe/unsubscribe lists mean "subscription unchanged" in Delta.
         DeltaDiscoveryRequest {
             type_url: type_url.to_owned(),
@@ -244,11 +341,9 @@ impl Flavor for Delta {
         }
     }
     fn originate(type_url: &str, version: &str, nonce: String, item: Carried) -> Self::Resp {
-        let mut res = item.envelope.unwrap_or_default();
-        res.resource = Some(item.any);
         DeltaDiscoveryResponse {
             system_version_info: version.to_owned(),
-            resources: vec![res],
+            resources: vec![item.into_resource()],
             type_url: type_url.to_owned(),
             nonce,
             ..Default::default()

@@ -21,15 +21,39 @@ pub mod server;
 mod stream;
 pub mod upstream;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use serde::Serialize;
+use tokio::sync::{oneshot, watch};
 
 pub use server::serve;
 
+/// Limits of the proxy, set from the command line.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Largest gRPC message accepted from Envoy.
+    pub max_request_bytes: usize,
+    /// Largest gRPC message accepted from the control plane.
+    pub max_response_bytes: usize,
+    /// Most Envoy streams open at once; a new stream past it ends the oldest one.
+    pub max_streams: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 4 << 20,
+            max_response_bytes: 256 << 20,
+            max_streams: 1024,
+        }
+    }
+}
+
 /// What every proxied stream shares.
 pub struct ProxyContext {
+    pub config: ProxyConfig,
     pub upstream: upstream::Upstream,
     /// `None` when conversion is disabled: ECDS then passes through untouched.
     pub converter: Option<Arc<crate::ecds::Converter>>,
@@ -38,30 +62,69 @@ pub struct ProxyContext {
     pub stream_ids: AtomicU64,
     /// Headers added to every upstream stream: Istio's `XDS_HEADER_<name>` variables.
     pub extra_metadata: tonic::metadata::MetadataMap,
-    /// Envoy streams currently open (shutdown waits for this to reach zero, not for peers to
-    /// close their connections).
-    active: AtomicUsize,
+    /// Envoy streams currently open, oldest first, each with the switch that ends it when a
+    /// newer stream needs its place (shutdown waits for this to empty, not for peers to close
+    /// their connections).
+    open: Mutex<BTreeMap<u64, oneshot::Sender<()>>>,
+    /// Envoy's rejections of what the agent delivered (for `/debug/wasm`).
+    pub rejections: Arc<RejectionLog>,
 }
 
 impl ProxyContext {
     pub fn new(
+        config: ProxyConfig,
         upstream: upstream::Upstream,
         converter: Option<Arc<crate::ecds::Converter>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
+            config,
             upstream,
             converter,
             shutdown,
             stream_ids: AtomicU64::new(1),
             extra_metadata: xds_headers_from_env(),
-            active: AtomicUsize::new(0),
+            open: Mutex::new(BTreeMap::new()),
+            rejections: Arc::new(RejectionLog::default()),
         }
     }
 
     /// How many Envoy streams are open.
     pub fn active_streams(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        self.open.lock().map(|o| o.len()).unwrap_or(0)
+    }
+}
+
+/// One rejection by Envoy, as `/debug/wasm` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectionView {
+    pub stream: u64,
+    pub nonce: String,
+    /// What the agent had delivered: `converted`, `stand_in` or `healed`.
+    pub reason: &'static str,
+    pub message: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// The most recent rejections (bounded).
+#[derive(Debug, Default)]
+pub struct RejectionLog(Mutex<VecDeque<RejectionView>>);
+
+impl RejectionLog {
+    const KEEP: usize = 32;
+
+    pub fn record(&self, v: RejectionView) {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == Self::KEEP {
+            q.pop_front();
+        }
+        q.push_back(v);
+    }
+
+    pub fn snapshot(&self) -> Vec<RejectionView> {
+        let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().cloned().collect()
     }
 }
 
@@ -88,21 +151,43 @@ pub fn xds_headers_from_env() -> tonic::metadata::MetadataMap {
     md
 }
 
-/// Counts one open stream for as long as it lives: the context's count (shutdown waits on it)
-/// and the `ecds_agent_envoy_streams_active` gauge move together.
-pub(crate) struct ActiveStream<'a>(&'a AtomicUsize);
+/// Registers one open stream for as long as it lives: the context's open set (shutdown waits
+/// on it, `--max-streams` bounds it) and the `ecds_agent_envoy_streams_active` gauge move
+/// together.
+pub(crate) struct ActiveStream<'a> {
+    ctx: &'a ProxyContext,
+    id: u64,
+}
 
 impl<'a> ActiveStream<'a> {
-    pub(crate) fn new(ctx: &'a ProxyContext) -> Self {
-        ctx.active.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!(crate::admin::metrics::ENVOY_STREAMS_ACTIVE).increment(1.0);
-        Self(&ctx.active)
+    /// Registers stream `id`, ending the oldest streams past `max_streams`; the receiver fires
+    /// when this stream must give way to a newer one.
+    pub(crate) fn new(ctx: &'a ProxyContext, id: u64) -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut open = ctx.open.lock().unwrap_or_else(|p| p.into_inner());
+        while open.len() >= ctx.config.max_streams.max(1) {
+            match open.pop_first() {
+                Some((old, evict)) => {
+                    tracing::warn!(
+                        stream = old,
+                        max = ctx.config.max_streams,
+                        "too many Envoy streams; ending the oldest"
+                    );
+                    let _ = evict.send(());
+                }
+                None => break,
+            }
+        }
+        open.insert(id, tx);
+        metrics::gauge!(crate::admin::metrics::ENVOY_STREAMS_ACTIVE).set(open.len() as f64);
+        (Self { ctx, id }, rx)
     }
 }
 
 impl Drop for ActiveStream<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!(crate::admin::metrics::ENVOY_STREAMS_ACTIVE).decrement(1.0);
+        let mut open = self.ctx.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.remove(&self.id);
+        metrics::gauge!(crate::admin::metrics::ENVOY_STREAMS_ACTIVE).set(open.len() as f64);
     }
 }

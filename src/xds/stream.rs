@@ -8,11 +8,13 @@
 //! * the ECDS session (see `ecds_session`), which converts and may answer upstream itself.
 //!
 //! When either side ends, the other is ended with a matching status so Envoy reconnects.
-//! A stream failure never ends the process.
+//! A stream failure never ends the process, and never leaves Envoy's stream silent: a message
+//! over the size cap ends it with RESOURCE_EXHAUSTED, a failed task with INTERNAL.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt;
 use metrics::counter;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
@@ -20,10 +22,10 @@ use tonic::metadata::{KeyAndValueRef, MetadataMap};
 use tonic::{Request, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
-use super::book::NonceBook;
+use super::book::{Book, Rejection};
 use super::ecds_session::EcdsSession;
 use super::flavor::Flavor;
-use super::ProxyContext;
+use super::{ProxyContext, RejectionView};
 use crate::admin::metrics as m;
 use crate::errors::error_chain;
 use crate::proto::type_url;
@@ -49,11 +51,30 @@ pub type DownTx<F> = mpsc::Sender<Result<<F as Flavor>::Resp, Status>>;
 enum End {
     EnvoyClosed,
     EnvoyError(Status),
+    EnvoyTooLarge(String),
     EnvoyGone,
     UpstreamUnreachable(String),
     UpstreamClosed,
     UpstreamError(Status),
+    UpstreamTooLarge(String),
+    /// A per-stream task failed (a bug): Envoy gets INTERNAL and reconnects.
+    Internal(String),
+    /// A newer stream took this one's place (`--max-streams`).
+    Evicted,
     Shutdown,
+}
+
+/// tonic's decoder refuses a message over the cap with OUT_OF_RANGE and this text.
+fn too_large(status: &Status) -> bool {
+    status.code() == tonic::Code::OutOfRange && status.message().contains("length too large")
+}
+
+/// The text of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 /// Starts proxying one Envoy stream; returns the stream of responses for Envoy.
@@ -64,7 +85,23 @@ pub fn start<F: Flavor>(
     let (down_tx, down_rx) = mpsc::channel(DOWNSTREAM_BUFFER);
     let id = ctx.stream_ids.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("stream", id, kind = F::NAME);
-    tokio::spawn(session::<F>(ctx, id, req, down_tx).instrument(span));
+    let last_word = down_tx.clone();
+    tokio::spawn(
+        async move {
+            let run = std::panic::AssertUnwindSafe(session::<F>(ctx, id, req, down_tx));
+            if let Err(p) = run.catch_unwind().await {
+                let why = panic_text(p.as_ref());
+                tracing::error!(error = %why, "stream task failed");
+                let status = Status::internal(format!("ecds-agent: stream failed: {why}"));
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    last_word.send(Err(status)),
+                )
+                .await;
+            }
+        }
+        .instrument(span),
+    );
     ReceiverStream::new(down_rx)
 }
 
@@ -98,21 +135,37 @@ async fn session<F: Flavor>(
     down_tx: DownTx<F>,
 ) {
     info!("Envoy stream opened");
-    let _active = super::ActiveStream::new(&ctx);
+    let (_active, evicted) = super::ActiveStream::new(&ctx, id);
     let metadata = upstream_metadata(req.metadata(), &ctx.extra_metadata);
     let downstream = req.into_inner();
     let (up_tx, up_rx) = mpsc::unbounded_channel::<F::Req>();
-    let book = Arc::new(Mutex::new(NonceBook::default()));
+    let book = Arc::new(Mutex::new(Book::default()));
 
-    let ecds = ctx.converter.clone().map(|conv| {
+    let mut ecds = ctx.converter.clone().map(|conv| {
         EcdsSession::<F>::spawn(id, conv, book.clone(), down_tx.clone(), up_tx.clone())
     });
     let ecds_tx = ecds.as_ref().map(|(tx, _)| tx.clone());
+    // The ECDS session ends only after the stream does; if it ends first, it failed.
+    let ecds_failed = async {
+        match ecds.as_mut() {
+            Some((_, task)) => match task.await {
+                Err(e) if e.is_panic() => End::Internal(format!(
+                    "ECDS session failed: {}",
+                    panic_text(&*e.into_panic())
+                )),
+                Err(e) => End::Internal(format!("ECDS session failed: {e}")),
+                Ok(()) => End::EnvoyGone,
+            },
+            None => std::future::pending().await,
+        }
+    };
 
     let mut shutdown = ctx.shutdown.clone();
     let end = tokio::select! {
-        e = forward_requests::<F>(downstream, up_tx, book) => e,
-        e = forward_responses::<F>(&ctx, metadata, up_rx, down_tx.clone(), ecds_tx) => e,
+        e = forward_requests::<F>(&ctx, id, downstream, up_tx, book.clone()) => e,
+        e = forward_responses::<F>(&ctx, metadata, up_rx, down_tx.clone(), ecds_tx, book) => e,
+        e = ecds_failed => e,
+        _ = evicted => End::Evicted,
         _ = shutdown.wait_for(|s| *s) => End::Shutdown,
     };
     if let Some((_, task)) = ecds {
@@ -120,6 +173,19 @@ async fn session<F: Flavor>(
     }
     let to_envoy = match &end {
         End::EnvoyClosed | End::EnvoyError(_) | End::EnvoyGone => None,
+        End::EnvoyTooLarge(e) => Some(Status::resource_exhausted(format!(
+            "ecds-agent: request from Envoy over --max-request-bytes ({}): {e}",
+            ctx.config.max_request_bytes
+        ))),
+        End::UpstreamTooLarge(e) => Some(Status::resource_exhausted(format!(
+            "ecds-agent: response from the control plane over --max-response-bytes ({}): {e}",
+            ctx.config.max_response_bytes
+        ))),
+        End::Internal(e) => Some(Status::internal(format!("ecds-agent: {e}"))),
+        End::Evicted => Some(Status::unavailable(format!(
+            "ecds-agent: replaced by a newer Envoy stream (--max-streams {})",
+            ctx.config.max_streams
+        ))),
         End::UpstreamUnreachable(e) => Some(Status::unavailable(format!(
             "ecds-agent: control plane {} unreachable: {e}",
             ctx.upstream.uri()
@@ -137,16 +203,25 @@ async fn session<F: Flavor>(
         End::EnvoyClosed => ("closed", "cancelled"),
         End::EnvoyError(s) if s.code() == tonic::Code::Cancelled => ("cancelled", "cancelled"),
         End::EnvoyError(_) => ("error", "cancelled"),
+        End::EnvoyTooLarge(_) => ("too_large", "cancelled"),
         End::EnvoyGone => ("cancelled", "cancelled"),
         End::UpstreamUnreachable(_) => ("upstream_unreachable", "error"),
         End::UpstreamClosed => ("upstream_closed", "closed"),
         End::UpstreamError(_) => ("upstream_error", "error"),
+        End::UpstreamTooLarge(_) => ("upstream_too_large", "error"),
+        End::Internal(_) => ("internal", "cancelled"),
+        End::Evicted => ("evicted", "cancelled"),
         End::Shutdown => ("shutdown", "cancelled"),
     };
     counter!(m::ENVOY_TERMINATIONS, "type" => envoy_cause).increment(1);
     counter!(m::UPSTREAM_TERMINATIONS, "type" => upstream_cause).increment(1);
     match &end {
-        End::UpstreamUnreachable(_) | End::UpstreamError(_) => warn!(?end, "stream ended"),
+        End::UpstreamUnreachable(_)
+        | End::UpstreamError(_)
+        | End::UpstreamTooLarge(_)
+        | End::EnvoyTooLarge(_)
+        | End::Internal(_)
+        | End::Evicted => warn!(?end, "stream ended"),
         _ => info!(?end, "stream ended"),
     }
     if let Some(status) = to_envoy {
@@ -157,18 +232,23 @@ async fn session<F: Flavor>(
 }
 
 async fn forward_requests<F: Flavor>(
+    ctx: &ProxyContext,
+    id: u64,
     mut downstream: Streaming<F::Req>,
     up_tx: mpsc::UnboundedSender<F::Req>,
-    book: Arc<Mutex<NonceBook>>,
+    book: Arc<Mutex<Book>>,
 ) -> End {
     loop {
         match downstream.message().await {
             Ok(Some(req)) => {
-                let forwarded = match book.lock() {
-                    Ok(mut b) => b.filter::<F>(req),
-                    Err(poisoned) => poisoned.into_inner().filter::<F>(req),
-                };
-                let Some(req) = forwarded else { continue };
+                let decision = book
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .envoy_request::<F>(req);
+                if let Some(r) = decision.rejection {
+                    record_rejection(ctx, id, r, decision.up.is_some());
+                }
+                let Some(req) = decision.up else { continue };
                 debug!(
                     type_url = F::req_type_url(&req),
                     nonce = F::req_nonce(&req),
@@ -181,9 +261,28 @@ async fn forward_requests<F: Flavor>(
                 }
             }
             Ok(None) => return End::EnvoyClosed,
+            Err(status) if too_large(&status) => {
+                return End::EnvoyTooLarge(status.message().to_owned())
+            }
             Err(status) => return End::EnvoyError(status),
         }
     }
+}
+
+/// Envoy rejected something the agent delivered: a metric with the reason, a log line and an
+/// entry on `/debug/wasm`.
+fn record_rejection(ctx: &ProxyContext, id: u64, r: Rejection, forwarded: bool) {
+    let reason = r.what.label();
+    warn!(nonce = %r.nonce, reason, error = %r.message, forwarded,
+          "Envoy rejected an ECDS update the agent delivered");
+    counter!(m::ENVOY_REJECTIONS, "reason" => reason).increment(1);
+    ctx.rejections.record(RejectionView {
+        stream: id,
+        nonce: r.nonce,
+        reason,
+        message: r.message,
+        at: crate::wasm::store::now_secs(),
+    });
 }
 
 async fn forward_responses<F: Flavor>(
@@ -192,8 +291,9 @@ async fn forward_responses<F: Flavor>(
     up_rx: mpsc::UnboundedReceiver<F::Req>,
     down_tx: DownTx<F>,
     ecds_tx: Option<mpsc::UnboundedSender<F::Resp>>,
+    book: Arc<Mutex<Book>>,
 ) -> End {
-    let mut client = match ctx.upstream.connect().await {
+    let mut client = match ctx.upstream.connect(ctx.config.max_response_bytes).await {
         Ok(c) => c,
         Err(e) => {
             counter!(m::UPSTREAM_CONNECTION_FAILURES).increment(1);
@@ -220,6 +320,9 @@ async fn forward_responses<F: Flavor>(
                 );
                 if F::resp_type_url(&resp) == type_url::ECDS {
                     if let Some(tx) = &ecds_tx {
+                        book.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .upstream_response(F::resp_nonce(&resp));
                         if tx.send(resp).is_err() {
                             return End::EnvoyGone;
                         }
@@ -239,6 +342,9 @@ async fn forward_responses<F: Flavor>(
 /// A status the control plane sent is passed on as is; a broken connection (TLS refused,
 /// reset, …) has a local transport error as its source and becomes UNAVAILABLE.
 fn upstream_failure(status: Status) -> End {
+    if too_large(&status) {
+        return End::UpstreamTooLarge(status.message().to_owned());
+    }
     match std::error::Error::source(&status) {
         Some(transport) => End::UpstreamUnreachable(error_chain(transport)),
         None => End::UpstreamError(status),

@@ -1,7 +1,12 @@
 //! The control-plane side: how a new upstream ADS connection is dialled (plaintext h2, TLS or
 //! mTLS). One connection per Envoy stream, as Istio's agent does, so streams never share fate.
+//!
+//! TLS files are read again whenever they change (Istio and cert-manager rotate workload
+//! certificates, typically daily): each new connection uses the files as they are then, without
+//! a restart. A rotation caught half-written keeps the last good set until it is whole.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -33,11 +38,20 @@ pub enum UpstreamError {
     },
 }
 
+/// The bytes of the TLS files an endpoint was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct TlsFiles {
+    ca: Option<Vec<u8>>,
+    cert: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+}
+
 /// A recipe for dialling the control plane.
-#[derive(Clone)]
 pub struct Upstream {
     uri: http::Uri,
-    endpoint: Endpoint,
+    tls: UpstreamTls,
+    /// The endpoint and the file contents it was built from.
+    current: Mutex<(TlsFiles, Endpoint)>,
 }
 
 fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, UpstreamError> {
@@ -48,49 +62,99 @@ fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, UpstreamError> {
     })
 }
 
+impl UpstreamTls {
+    fn read_files(&self) -> Result<TlsFiles, UpstreamError> {
+        let opt = |what, p: &Option<PathBuf>| p.as_ref().map(|p| read(what, p)).transpose();
+        Ok(TlsFiles {
+            ca: opt("--upstream-ca", &self.ca)?,
+            cert: opt("--client-cert", &self.client_cert)?,
+            key: opt("--client-key", &self.client_key)?,
+        })
+    }
+}
+
+fn endpoint(
+    uri: &http::Uri,
+    tls: &UpstreamTls,
+    files: &TlsFiles,
+) -> Result<Endpoint, UpstreamError> {
+    let err = |source| UpstreamError::Endpoint {
+        uri: uri.to_string(),
+        source,
+    };
+    let mut endpoint = Endpoint::from(uri.clone())
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20));
+    if uri.scheme_str() == Some("https") {
+        let mut cfg = ClientTlsConfig::new();
+        cfg = match &files.ca {
+            Some(ca) => cfg.ca_certificate(Certificate::from_pem(ca)),
+            None => cfg.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
+            cfg = cfg.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = &tls.server_name {
+            cfg = cfg.domain_name(name.clone());
+        }
+        endpoint = endpoint.tls_config(cfg).map_err(err)?;
+    }
+    Ok(endpoint)
+}
+
 impl Upstream {
     pub fn new(uri: http::Uri, tls: &UpstreamTls) -> Result<Self, UpstreamError> {
-        let err = |source| UpstreamError::Endpoint {
-            uri: uri.to_string(),
-            source,
-        };
-        let mut endpoint = Endpoint::from(uri.clone())
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(16 << 20));
-        if uri.scheme_str() == Some("https") {
-            let mut cfg = ClientTlsConfig::new();
-            cfg = match &tls.ca {
-                Some(ca) => cfg.ca_certificate(Certificate::from_pem(read("--upstream-ca", ca)?)),
-                None => cfg.with_native_roots(),
-            };
-            if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
-                cfg = cfg.identity(Identity::from_pem(
-                    read("--client-cert", cert)?,
-                    read("--client-key", key)?,
-                ));
-            }
-            if let Some(name) = &tls.server_name {
-                cfg = cfg.domain_name(name.clone());
-            }
-            endpoint = endpoint.tls_config(cfg).map_err(err)?;
-        }
-        Ok(Self { uri, endpoint })
+        let files = tls.read_files()?;
+        let ep = endpoint(&uri, tls, &files)?;
+        Ok(Self {
+            uri,
+            tls: tls.clone(),
+            current: Mutex::new((files, ep)),
+        })
     }
 
     pub fn uri(&self) -> &http::Uri {
         &self.uri
     }
 
-    /// Dials a fresh connection.
-    pub async fn connect(&self) -> Result<AdsClient, tonic::transport::Error> {
-        let channel = self.endpoint.connect().await?;
+    /// The endpoint for a new connection, rebuilt if the TLS files changed.
+    async fn endpoint(&self) -> Endpoint {
+        let tls = self.tls.clone();
+        let fresh = match tokio::task::spawn_blocking(move || tls.read_files()).await {
+            Ok(Ok(f)) => Some(f),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot re-read upstream TLS files; using the last good ones");
+                None
+            }
+            Err(_) => None,
+        };
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(files) = fresh.filter(|f| *f != cur.0) {
+            match endpoint(&self.uri, &self.tls, &files) {
+                Ok(ep) => {
+                    tracing::info!("upstream TLS files changed; new connections use them");
+                    *cur = (files, ep);
+                }
+                Err(e) => tracing::warn!(error = %e,
+                    "changed upstream TLS files are not usable (yet); using the last good ones"),
+            }
+        }
+        cur.1.clone()
+    }
+
+    /// Dials a fresh connection; responses over `max_response_bytes` end the stream.
+    pub async fn connect(
+        &self,
+        max_response_bytes: usize,
+    ) -> Result<AdsClient, tonic::transport::Error> {
+        let channel = self.endpoint().await.connect().await?;
         Ok(AggregatedDiscoveryServiceClient::new(channel)
-            .max_decoding_message_size(usize::MAX)
+            .max_decoding_message_size(max_response_bytes)
             .max_encoding_message_size(usize::MAX))
     }
 }

@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRba
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::wasm::v3::plugin_config;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Any, Struct, Value};
 use prost::Message;
@@ -19,10 +19,8 @@ use support::res::{
     self, any, delivered_plugin, ecds_local, ecds_remote, local_filename, module, open_tec, Remote,
     CDS, ECDS,
 };
-use support::xds::{connect_tcp, open_delta, open_sotw, CpSotw, EnvoyStream};
+use support::xds::{ack, connect_tcp, ecds_resp, open_delta, sotw_ecds};
 use support::{Agent, ControlPlane, Layout, ModuleServer, Registry, Route};
-
-type Sotw = EnvoyStream<DiscoveryRequest, DiscoveryResponse>;
 
 const SECRET_ENV: &str = "ISTIO_META_WASM_IMAGE_PULL_SECRET";
 const POLICY_ENV: &str = "ISTIO_META_WASM_IMAGE_PULL_POLICY";
@@ -39,41 +37,6 @@ async fn agent(cp: &ControlPlane, extra: &[&str]) -> Agent {
         .args(extra.iter().copied())
         .start()
         .await
-}
-
-/// Opens a SotW stream and subscribes to ECDS `names`; returns both ends.
-async fn sotw_ecds(agent: &Agent, cp: &mut ControlPlane, names: &[&str]) -> (Sotw, CpSotw) {
-    let mut client = connect_tcp(&agent.listen).await;
-    let envoy = open_sotw(&mut client, &[]).await;
-    std::mem::forget(client);
-    envoy.send(DiscoveryRequest {
-        type_url: ECDS.into(),
-        resource_names: names.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    });
-    let mut up = cp.next_sotw().await;
-    up.recv().await;
-    (envoy, up)
-}
-
-fn ecds_resp(version: &str, nonce: &str, resources: Vec<Any>) -> DiscoveryResponse {
-    DiscoveryResponse {
-        version_info: version.into(),
-        nonce: nonce.into(),
-        type_url: ECDS.into(),
-        resources,
-        ..Default::default()
-    }
-}
-
-fn ack(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
-    DiscoveryRequest {
-        type_url: ECDS.into(),
-        version_info: version.into(),
-        response_nonce: nonce.into(),
-        resource_names: names.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
 }
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

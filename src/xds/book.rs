@@ -233,8 +233,8 @@ mod tests {
     use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
     use envoy_types::pb::google::rpc::Status;
 
-    fn sotw(nonce: &str, names: &[&str], error: Option<&str>) -> DiscoveryRequest {
-        DiscoveryRequest {
+    fn sotw(nonce: &str, names: &[&str], error: Option<&str>) -> Box<DiscoveryRequest> {
+        Box::new(DiscoveryRequest {
             type_url: type_url::ECDS.into(),
             response_nonce: nonce.into(),
             resource_names: names.iter().map(|s| s.to_string()).collect(),
@@ -245,7 +245,7 @@ mod tests {
                 details: vec![],
             }),
             ..Default::default()
-        }
+        })
     }
 
     /// One step of a table: an event, and what must go upstream (nonce, names, error?).
@@ -254,7 +254,7 @@ mod tests {
         AgentNack(&'static str),
         Delivered(&'static str, Delivered),
         Envoy(
-            DiscoveryRequest,
+            Box<DiscoveryRequest>,
             Option<(&'static str, &'static [&'static str], bool)>,
         ),
     }
@@ -272,7 +272,7 @@ mod tests {
                 }
                 Step::Delivered(n, d) => b.agent_delivered(n, d),
                 Step::Envoy(req, want) => {
-                    let d = b.envoy_request::<Sotw>(req);
+                    let d = b.envoy_request::<Sotw>(*req);
                     rejections.extend(d.rejection);
                     let got = d.up.as_ref().map(|r| {
                         (
@@ -392,7 +392,7 @@ mod tests {
     #[test]
     fn first_request_forgets_versions() {
         let mut b = Book::default();
-        let up = b.envoy_request::<Sotw>(sotw("", &["a"], None)).up.unwrap();
+        let up = b.envoy_request::<Sotw>(*sotw("", &["a"], None)).up.unwrap();
         assert!(up.version_info.is_empty());
         let delta = DeltaDiscoveryRequest {
             type_url: type_url::ECDS.into(),

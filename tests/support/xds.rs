@@ -149,6 +149,26 @@ impl ControlPlane {
         Self::start_with("127.0.0.1:0".parse().unwrap(), Some(tls)).await
     }
 
+    /// A TLS control plane on `addr` with the given server certificate, demanding a client
+    /// certificate signed by `client_ca`.
+    pub async fn start_mtls_files(
+        addr: SocketAddr,
+        cert: &Path,
+        key: &Path,
+        client_ca: &Path,
+    ) -> Self {
+        let identity = tonic::transport::Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        );
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(tonic::transport::Certificate::from_pem(
+                std::fs::read(client_ca).unwrap(),
+            ));
+        Self::start_with(addr, Some(tls)).await
+    }
+
     async fn start_with(addr: SocketAddr, tls: Option<tonic::transport::ServerTlsConfig>) -> Self {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -326,4 +346,46 @@ pub async fn open_delta(
         .expect("envoy: open Delta stream")
         .into_inner();
     EnvoyStream { tx, rx }
+}
+
+/// Opens a SotW stream through `agent` and subscribes to ECDS `names`; returns both ends (the
+/// control plane's with the subscription already read).
+pub async fn sotw_ecds(
+    agent: &super::Agent,
+    cp: &mut ControlPlane,
+    names: &[&str],
+) -> (EnvoyStream<DiscoveryRequest, DiscoveryResponse>, CpSotw) {
+    let mut client = connect_tcp(&agent.listen).await;
+    let envoy = open_sotw(&mut client, &[]).await;
+    std::mem::forget(client);
+    envoy.send(ack(names, "", ""));
+    let mut up = cp.next_sotw().await;
+    up.recv().await;
+    (envoy, up)
+}
+
+/// A SotW ECDS response.
+pub fn ecds_resp(
+    version: &str,
+    nonce: &str,
+    resources: Vec<envoy_types::pb::google::protobuf::Any>,
+) -> DiscoveryResponse {
+    DiscoveryResponse {
+        version_info: version.into(),
+        nonce: nonce.into(),
+        type_url: super::res::ECDS.into(),
+        resources,
+        ..Default::default()
+    }
+}
+
+/// A SotW ECDS request (an ACK, or with empty nonce the first request).
+pub fn ack(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: super::res::ECDS.into(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
 }

@@ -1093,7 +1093,8 @@ async fn concurrent_gets_with_different_credentials_do_not_share_a_download() {
 
 #[tokio::test]
 async fn processes_sharing_a_cache_dir_download_once() {
-    // Several `ecds-agent fetch` processes (or agents on a node-shared cache) at once.
+    // 20 `ecds-agent fetch` processes (or agents on a node-shared cache) started together on a
+    // cold directory: each opening the cache must leave the others' temp files alone.
     let srv = ModuleServer::start().await;
     let reg = Registry::plain().await;
     let wasm = module("shared-dir");
@@ -1108,7 +1109,7 @@ async fn processes_sharing_a_cache_dir_download_once() {
     reg.push("wasm/shared", "v1", &wasm, Layout::Docker).await;
     let dir = tempfile::tempdir().unwrap();
     for url in [srv.url("shared.wasm"), reg.url("wasm/shared:v1")] {
-        let runs = (0..12).map(|_| {
+        let runs = (0..20).map(|_| {
             tokio::process::Command::new(support::agent::BIN)
                 .args([
                     "fetch",
@@ -1134,14 +1135,14 @@ async fn processes_sharing_a_cache_dir_download_once() {
     assert_eq!(
         srv.hits("shared.wasm"),
         1,
-        "one HTTP download for 12 processes"
+        "one HTTP download for 20 processes"
     );
     assert_eq!(
         reg.blob_gets("wasm/shared"),
         1,
-        "one layer pull for 12 processes"
+        "one layer pull for 20 processes"
     );
-    // The index written by 24 processes still knows both URLs.
+    // The index written by 40 processes still knows both URLs.
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).unwrap()).unwrap();
     assert!(index["urls"].as_object().unwrap().len() >= 2, "{index}");

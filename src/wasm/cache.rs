@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::error::{redact, FetchError};
 use super::http::HttpFetcher;
+use super::lease::Lease;
 use super::oci::{OciFetcher, Resolved};
 use super::options::{CacheConfig, GetOptions, Matched, Module, PullPolicy};
 use super::store::{now_ms, now_secs, Index, ModuleEntry, Store};
@@ -76,6 +77,8 @@ pub(super) struct State {
     pub(super) index: Index,
     /// (owner, resource name) → module sha256.
     pub(super) pins: HashMap<(u64, String), String>,
+    /// Bumped whenever the pinned set changes (orders its publication).
+    pub(super) pin_generation: u64,
     /// One download per (URL, expected checksum, pull-secret hash): callers with different
     /// credentials never share a download (nor its auth result).
     flights: HashMap<FlightKey, Flight>,
@@ -94,6 +97,8 @@ pub struct Cache {
     pub(super) store: Store,
     http: HttpFetcher,
     oci: OciFetcher,
+    /// This process's pins as other processes see them.
+    pub(super) lease: Arc<Lease>,
     state: Mutex<State>,
     save_lock: tokio::sync::Mutex<()>,
 }
@@ -129,9 +134,13 @@ impl Cache {
     /// Opens the cache directory (re-indexing what a previous run left) without network I/O.
     pub async fn open(cfg: CacheConfig) -> Result<Arc<Cache>, String> {
         let dir = cfg.dir.clone();
-        let (store, index, report) = tokio::task::spawn_blocking(move || Store::open(&dir))
-            .await
-            .map_err(|e| format!("cache open task failed: {e}"))??;
+        let (store, index, report, lease) = tokio::task::spawn_blocking(move || {
+            let (store, index, report) = Store::open(&dir)?;
+            let lease = Lease::create(&dir)?;
+            Ok::<_, String>((store, index, report, lease))
+        })
+        .await
+        .map_err(|e| format!("cache open task failed: {e}"))??;
         tracing::info!(
             dir = %cfg.dir.display(),
             modules = report.kept + report.adopted,
@@ -147,6 +156,7 @@ impl Cache {
             store,
             http,
             oci,
+            lease: Arc::new(lease),
             state: Mutex::new(State {
                 index,
                 dirty: true,
@@ -185,8 +195,17 @@ impl Cache {
             st.index.clone()
         };
         let store = self.store.clone();
+        let saved: Vec<String> = snapshot.modules.keys().cloned().collect();
         match tokio::task::spawn_blocking(move || store.merge_save(&snapshot)).await {
-            Ok(Ok(merged)) => self.lock().index.absorb(merged),
+            Ok(Ok(merged)) => {
+                let mut st = self.lock();
+                // What another process removed meanwhile goes here too.
+                for sha in saved.iter().filter(|s| !merged.modules.contains_key(*s)) {
+                    st.index.modules.remove(sha);
+                    st.index.urls.retain(|_, u| &u.sha256 != sha);
+                }
+                st.index.absorb(merged);
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot save the cache index; will retry");
                 self.lock().dirty = true;
@@ -621,7 +640,7 @@ impl Cache {
             entry.oci_digests.extend(digests.iter().cloned());
             st.dirty = true;
         }
-        self.enforce_budget(&sha);
+        self.enforce_budget(&sha).await;
         self.publish_gauges();
         Ok(Module {
             path,

@@ -14,10 +14,12 @@
 //! * `options` — the types at the cache's boundary (options, results, config)
 //! * `cache`  — the get path: lookups, pull policy, single-flight, fetch, store
 //! * `retention` — pins, expiry purge, LRU byte budget
+//! * `lease`  — pins published to other processes sharing the directory
 
 pub mod cache;
 pub mod error;
 pub mod http;
+pub mod lease;
 pub mod oci;
 pub mod options;
 mod retention;

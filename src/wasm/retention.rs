@@ -1,7 +1,8 @@
 //! Keeping the cache bounded without ever removing a module Envoy is using: pins (which module
-//! each live ECDS resource uses), expiry purge and the LRU byte budget.
+//! each live ECDS resource uses), expiry purge and the LRU byte budget. Pins are this process's
+//! plus those every other live process sharing the directory publishes (`lease`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use metrics::counter;
@@ -17,15 +18,42 @@ impl State {
 }
 
 impl Cache {
+    /// The modules other live processes pin (read off the async threads).
+    async fn foreign_pins(&self) -> BTreeSet<String> {
+        let lease = self.lease.clone();
+        tokio::task::spawn_blocking(move || lease.foreign_pins())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Deletes module files (off the async threads), counting each under `reason`.
+    async fn delete_files(&self, victims: Vec<String>, reason: &'static str) {
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for sha in victims {
+                counter!(m::CACHE_EVICTIONS, "reason" => reason).increment(1);
+                match store.remove_module(&sha) {
+                    Ok(()) => {
+                        tracing::info!(sha256 = %sha, reason, "module removed from the cache")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not delete the module file"),
+                }
+            }
+        })
+        .await;
+    }
+
     /// Evicts least recently used, unpinned modules (never `keep`) while over the byte budget.
-    pub(super) fn enforce_budget(&self, keep: &str) {
+    pub(super) async fn enforce_budget(&self, keep: &str) {
         if self.cfg.max_cache_bytes == 0 {
             return;
         }
+        let foreign = self.foreign_pins().await;
         let victims: Vec<String> = {
             let mut st = self.lock();
             let mut total = st.total_bytes();
-            let pinned = st.pinned();
+            let mut pinned = st.pinned();
+            pinned.extend(foreign);
             let mut candidates: Vec<(u64, String, u64)> = st
                 .index
                 .modules
@@ -54,21 +82,18 @@ impl Cache {
             }
             out
         };
-        for sha in victims {
-            counter!(m::CACHE_EVICTIONS, "reason" => "budget").increment(1);
-            if let Err(e) = self.store.remove_module(&sha) {
-                tracing::warn!(error = %e, "eviction could not delete the module file");
-            }
-        }
+        self.delete_files(victims, "budget").await;
     }
 
     /// Removes modules unused for longer than the expiry, unless a live resource uses them.
     pub async fn purge_expired(&self) -> usize {
         let expiry = self.cfg.expiry.as_secs();
+        let foreign = self.foreign_pins().await;
         let now = now_secs();
         let victims: Vec<String> = {
             let mut st = self.lock();
-            let pinned = st.pinned();
+            let mut pinned = st.pinned();
+            pinned.extend(foreign);
             let out: Vec<String> = st
                 .index
                 .modules
@@ -83,16 +108,11 @@ impl Cache {
             }
             out
         };
-        for sha in &victims {
-            counter!(m::CACHE_EVICTIONS, "reason" => "expired").increment(1);
-            if let Err(e) = self.store.remove_module(sha) {
-                tracing::warn!(error = %e, "purge could not delete the module file");
-            }
-            tracing::info!(sha256 = %sha, "expired module purged");
-        }
+        let n = victims.len();
+        self.delete_files(victims, "expired").await;
         self.publish_gauges();
         self.save().await;
-        victims.len()
+        n
     }
 
     /// Runs `purge_expired` every purge interval until the task is dropped.
@@ -111,6 +131,7 @@ impl Cache {
     /// Records that `owner`'s resource `name` uses module `sha` (`None`: uses none).
     pub fn pin(&self, owner: u64, name: &str, sha: Option<&str>) {
         let mut st = self.lock();
+        let before = st.pinned();
         let key = (owner, name.to_owned());
         let old = match sha {
             Some(s) => st.pins.insert(key, s.to_owned()),
@@ -119,11 +140,34 @@ impl Cache {
         if let Some(old) = old {
             touch(&mut st, &old);
         }
+        self.publish_pins(&mut st, before);
+    }
+
+    /// Publishes this process's pinned set to other processes when it changed.
+    fn publish_pins(&self, st: &mut State, before: HashSet<String>) {
+        let now = st.pinned();
+        if now == before {
+            return;
+        }
+        st.pin_generation += 1;
+        let generation = st.pin_generation;
+        let lease = self.lease.clone();
+        let set: BTreeSet<String> = now.into_iter().collect();
+        let write = move || {
+            if let Err(e) = lease.publish(generation, &set) {
+                tracing::warn!(error = %e, "cannot publish pinned modules to other processes");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
+        }
     }
 
     /// Drops every pin of `owner` (a closed Envoy stream); released modules start a fresh expiry.
     pub fn release_owner(&self, owner: u64) {
         let mut st = self.lock();
+        let before = st.pinned();
         let released: Vec<String> = st
             .pins
             .iter()
@@ -134,6 +178,7 @@ impl Cache {
         for sha in released {
             touch(&mut st, &sha);
         }
+        self.publish_pins(&mut st, before);
     }
 }
 

@@ -6,7 +6,10 @@
 //! * `modules/<sha256>.wasm` — the module, named by the sha256 of its bytes (mode 0644);
 //! * `index.json` — which URLs and OCI digests map to which module, last use, resource
 //!   versions (mode 0600: URLs may carry tokens);
-//! * `tmp/` — in-flight writes, emptied at start-up;
+//! * `tmp/` — in-flight writes, each `flock`ed by its writer until it is renamed into place. A
+//!   process that opens the cache removes only temp files whose lock is free *and* that are older
+//!   than [`ORPHAN_AGE`]: another process's download in progress is never touched;
+//! * `leases/` — which modules each live process pins (see `lease`);
 //! * `locks/` — one lock file per download key, so agents (or `ecds-agent fetch` runs) sharing
 //!   the directory download a module once; `index.lock` serialises index writes, which merge
 //!   what other processes recorded instead of overwriting it.
@@ -21,7 +24,41 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::verify::sha256_hex;
+/// A temp file whose writer's lock is free is removed only once it is this old (covers the
+/// instant between creating a temp file and locking it).
+pub const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether `key` can name a module file: exactly 64 lowercase hex digits. Index keys come from
+/// a file other processes write, so they are checked before they become paths.
+pub fn valid_key(key: &str) -> bool {
+    key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// sha256 (hex) and length of a file, read in 64 KiB pieces.
+pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            return Ok((hex::encode(h.finalize()), n));
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
+
+/// Whether a file hashes to `sha` (and so may stay under that name).
+fn file_matches(path: &Path, sha: &str) -> Option<u64> {
+    match sha256_file(path) {
+        Ok((h, len)) if h == sha => Some(len),
+        _ => None,
+    }
+}
 
 /// One cached module.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -124,9 +161,10 @@ impl Store {
     }
 
     /// Opens (creating) the cache directory, loads the index, drops entries whose file is gone
-    /// or does not hash to its name, adopts valid module files the index lost, and empties `tmp/`.
+    /// or does not hash to its name, adopts valid module files the index lost, and removes
+    /// temp files their writers left behind (never one still being written).
     pub fn open(dir: &Path) -> Result<(Store, Index, OpenReport), String> {
-        for sub in ["modules", "tmp", "locks"] {
+        for sub in ["modules", "tmp", "locks", "leases"] {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(|e| io_ctx("cannot create", &p, e))?;
         }
@@ -136,7 +174,7 @@ impl Store {
         let mut report = OpenReport::default();
         if let Ok(rd) = fs::read_dir(dir.join("tmp")) {
             for e in rd.flatten() {
-                if fs::remove_file(e.path()).is_ok() {
+                if orphaned(&e.path()) && fs::remove_file(e.path()).is_ok() {
                     report.removed_partials += 1;
                 }
             }
@@ -149,13 +187,11 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index::default(),
             Err(e) => return Err(io_ctx("cannot read", &store.index_path(), e)),
         };
+        index.modules.retain(|sha, _| valid_key(sha));
         // Verify every indexed module.
         let shas: Vec<String> = index.modules.keys().cloned().collect();
         for sha in shas {
-            let ok = fs::read(store.module_path(&sha))
-                .map(|b| sha256_hex(&b) == sha)
-                .unwrap_or(false);
-            if ok {
+            if file_matches(&store.module_path(&sha), &sha).is_some() {
                 report.kept += 1;
             } else {
                 index.modules.remove(&sha);
@@ -179,16 +215,16 @@ impl Store {
             else {
                 continue;
             };
-            if index.modules.contains_key(&sha) {
+            if index.modules.contains_key(&sha) || !valid_key(&sha) {
                 continue;
             }
-            match fs::read(&path) {
-                Ok(b) if sha256_hex(&b) == sha => {
+            match file_matches(&path, &sha) {
+                Some(size) => {
                     let now = now_secs();
                     index.modules.insert(
                         sha,
                         ModuleEntry {
-                            size: b.len() as u64,
+                            size,
                             last_used: now,
                             fetched_at: now,
                             ..Default::default()
@@ -196,7 +232,7 @@ impl Store {
                     );
                     report.adopted += 1;
                 }
-                _ => {
+                None => {
                     let _ = fs::remove_file(&path);
                     report.dropped_corrupt += 1;
                 }
@@ -219,6 +255,8 @@ impl Store {
                 .mode(mode)
                 .open(&tmp)
                 .map_err(|e| io_ctx("cannot create", &tmp, e))?;
+            // Held until the file is renamed and closed: no other process removes it meanwhile.
+            f.lock().map_err(|e| io_ctx("cannot lock", &tmp, e))?;
             f.write_all(bytes)
                 .map_err(|e| io_ctx("cannot write", &tmp, e))?;
             f.sync_all().map_err(|e| io_ctx("cannot fsync", &tmp, e))?;
@@ -275,19 +313,26 @@ impl Store {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        index
-            .modules
-            .retain(|sha, e| fs::metadata(self.module_path(sha)).is_ok_and(|m| m.len() == e.size));
+        index.modules.retain(|sha, e| {
+            valid_key(sha) && fs::metadata(self.module_path(sha)).is_ok_and(|m| m.len() == e.size)
+        });
         index
     }
 
     /// Writes `index` merged with what other processes recorded on disk meanwhile (see
-    /// [`Index::absorb`]) under `locks/index.lock`; returns the merged index.
+    /// [`Index::absorb`]) under `locks/index.lock`; returns the merged index. Entries whose file
+    /// another process removed (purge, eviction) are dropped, never written back.
     pub fn merge_save(&self, index: &Index) -> Result<Index, String> {
         let (lock, path) = self.lock_file("index")?;
         lock.lock().map_err(|e| io_ctx("cannot lock", &path, e))?;
         let mut merged = index.clone();
         merged.absorb(self.read_index());
+        merged.modules.retain(|sha, e| {
+            valid_key(sha) && fs::metadata(self.module_path(sha)).is_ok_and(|m| m.len() == e.size)
+        });
+        merged
+            .urls
+            .retain(|_, u| merged.modules.contains_key(&u.sha256));
         self.save_index(&merged)?;
         Ok(merged)
     }
@@ -315,9 +360,25 @@ impl Store {
     }
 }
 
+/// Whether a temp file was left by a writer that is gone: its lock is free and it is older than
+/// [`ORPHAN_AGE`].
+fn orphaned(path: &Path) -> bool {
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let old = f
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= ORPHAN_AGE);
+    old && f.try_lock().is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wasm::verify::sha256_hex;
 
     #[test]
     fn reopen_verifies_and_adopts() {
@@ -339,7 +400,19 @@ mod tests {
         let sha_b = sha256_hex(&b);
         store.put_module(&sha_b, &b).unwrap();
         fs::write(store.module_path(&"0".repeat(64)), b"garbage").unwrap();
-        fs::write(dir.path().join("tmp/x.part"), b"half").unwrap();
+        let partial = dir.path().join("tmp/x.part");
+        fs::write(&partial, b"half").unwrap();
+        let old = std::time::SystemTime::now() - ORPHAN_AGE * 2;
+        File::options()
+            .write(true)
+            .open(&partial)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        // A download in progress elsewhere: locked by its writer, and fresh.
+        let busy = dir.path().join("tmp/busy.part");
+        let writer = File::create(&busy).unwrap();
+        writer.lock().unwrap();
 
         let (_, index, report) = Store::open(dir.path()).unwrap();
         assert!(index.modules.contains_key(&sha_a) && index.modules.contains_key(&sha_b));
@@ -353,10 +426,61 @@ mod tests {
             (1, 1, 1, 1)
         );
         assert!(!store.module_path(&"0".repeat(64)).exists());
+        assert!(busy.exists(), "another writer's temp file survives");
+        drop(writer);
         let mode = fs::metadata(store.module_path(&sha_a))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o644);
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+    use crate::wasm::verify::sha256_hex;
+
+    #[test]
+    fn index_keys_are_checked_before_they_become_paths() {
+        assert!(valid_key(&"ab".repeat(32)));
+        for bad in [
+            "../../../../etc/passwd",
+            "",
+            &"A".repeat(64),
+            &"a".repeat(63),
+            &"g".repeat(64),
+        ] {
+            assert!(!valid_key(bad), "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, _) = Store::open(dir.path()).unwrap();
+        let evil = r#"{"modules":{"../../x":{"size":1,"last_used":0,"fetched_at":0}},"urls":{}}"#;
+        fs::write(dir.path().join("index.json"), evil).unwrap();
+        assert!(store.read_index().modules.is_empty());
+        let (_, index, _) = Store::open(dir.path()).unwrap();
+        assert!(index.modules.is_empty());
+    }
+
+    #[test]
+    fn a_merge_does_not_bring_back_what_another_process_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut index, _) = Store::open(dir.path()).unwrap();
+        let m = b"module".to_vec();
+        let sha = sha256_hex(&m);
+        store.put_module(&sha, &m).unwrap();
+        index.modules.insert(
+            sha.clone(),
+            ModuleEntry {
+                size: 6,
+                ..Default::default()
+            },
+        );
+        store.merge_save(&index).unwrap();
+        // Another process purges it; this one still has it in memory and saves.
+        store.remove_module(&sha).unwrap();
+        let merged = store.merge_save(&index).unwrap();
+        assert!(!merged.modules.contains_key(&sha));
+        assert!(!store.read_index().modules.contains_key(&sha));
     }
 }

@@ -68,3 +68,34 @@ async fn another_agents_in_use_module_survives_a_short_expiry_until_that_agent_d
         .into_owned();
     assert!(!index.contains(&sha), "{index}");
 }
+
+#[test]
+fn a_read_only_cache_dir_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("ro");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,ro", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a read-only tmpfs here (needs root and mount rights)");
+        return;
+    }
+    let out = std::process::Command::new(support::agent::BIN)
+        .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--upstream", "http://127.0.0.1:1", "--cache-dir"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--cache-dir")
+            && err.contains(mnt.to_str().unwrap())
+            && err.contains("Read-only"),
+        "{err}"
+    );
+}

@@ -214,20 +214,22 @@ impl Cache {
         }
     }
 
-    /// Waits for the directory-wide lock of one download. `Ok(true)` if another process held
-    /// it (and may have fetched the module meanwhile).
+    /// Waits for the directory-wide lock of one download.
     async fn lock_download(
         &self,
         key: &str,
         deadline: Instant,
         shown: &str,
-    ) -> Result<(std::fs::File, bool), FetchError> {
+    ) -> Result<std::fs::File, FetchError> {
         let budget = deadline.saturating_duration_since(Instant::now());
-        let mut waited = false;
         loop {
-            match self.store.try_lock_download(key) {
-                Ok(Some(f)) => return Ok((f, waited)),
-                Ok(None) => waited = true,
+            let (store, k) = (self.store.clone(), key.to_owned());
+            let attempt = tokio::task::spawn_blocking(move || store.try_lock_download(&k))
+                .await
+                .unwrap_or_else(|e| Err(format!("lock task failed: {e}")));
+            match attempt {
+                Ok(Some(f)) => return Ok(f),
+                Ok(None) => {}
                 Err(reason) => return Err(io_err(shown, reason)),
             }
             if Instant::now() >= deadline {
@@ -350,12 +352,8 @@ impl Cache {
         let (sha, matched) = match expected {
             Some(exp) => find_by_checksum(&st.index, exp)?,
             None => {
-                let policy = match opts.pull_policy {
-                    PullPolicy::Unspecified if parsed.is_latest() => PullPolicy::Always,
-                    p => p,
-                };
                 let u = st.index.urls.get(url)?;
-                let reuse = match policy {
+                let reuse = match effective_policy(parsed, opts) {
                     PullPolicy::Always => {
                         u.versions.get(&opts.resource_name) == Some(&opts.resource_version)
                     }
@@ -391,11 +389,24 @@ impl Cache {
         let url_owned = url.to_owned();
         let secret = opts.pull_secret.clone();
         let deadline = deadline_after(opts.timeout);
+        // What another process fetched may be reused as a cache hit would be: any time, or under
+        // Always only from now on.
+        let since_ms = match effective_policy(&parsed, opts) {
+            PullPolicy::Always => now_ms(),
+            _ => 0,
+        };
         let key2 = key.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
             let result = this
-                .fill(&url_owned, &parsed, expected.as_deref(), secret, deadline)
+                .fill(
+                    &url_owned,
+                    &parsed,
+                    expected.as_deref(),
+                    secret,
+                    deadline,
+                    since_ms,
+                )
                 .await;
             this.lock().flights.remove(&key2);
             record_fetch(&url_owned, &result, started);
@@ -420,11 +431,13 @@ impl Cache {
         expected: Option<&str>,
         secret: Option<Vec<u8>>,
         deadline: Instant,
+        since_ms: u64,
     ) -> Result<Module, FetchError> {
         let shown = redact(url);
         // Other processes sharing the directory (agents, `ecds-agent fetch`) download a module
-        // once too: one lock file per download key, held until the result is on disk.
-        let since_ms = now_ms();
+        // once too: one lock file per download key, held until the result is on disk. Once the
+        // lock is ours, the index on disk says whether another process got there first (while
+        // we waited, or between our lookup and now).
         let key = verify::sha256_hex(
             format!(
                 "{url}\n{expected:?}\n{:?}",
@@ -432,11 +445,9 @@ impl Cache {
             )
             .as_bytes(),
         );
-        let (_lock, waited) = self.lock_download(&key, deadline, &shown).await?;
-        if waited {
-            if let Some(module) = self.fetched_meanwhile(url, expected, since_ms).await {
-                return Ok(module);
-            }
+        let _lock = self.lock_download(&key, deadline, &shown).await?;
+        if let Some(module) = self.fetched_meanwhile(url, expected, since_ms).await {
+            return Ok(module);
         }
         let fetched = match parsed {
             ModuleUrl::Http(u) => self.fetch_http(u, &shown, expected, deadline).await?,
@@ -547,7 +558,12 @@ impl Cache {
         let bytes = tokio::time::timeout_at(deadline, self.oci.download(shown, &resolved))
             .await
             .map_err(|_| timeout("pulling the layer"))??;
-        let sha = verify::sha256_hex(&bytes);
+        let (bytes, sha) = tokio::task::spawn_blocking(move || {
+            let sha = verify::sha256_hex(&bytes);
+            (bytes, sha)
+        })
+        .await
+        .map_err(|e| io_err(shown, format!("hash task failed: {e}")))?;
         let matched = match expected {
             None => None,
             Some(e) if e == sha => Some(Matched::ModuleSha256),
@@ -702,6 +718,14 @@ impl Cache {
                 .map(|(u, f)| (u.clone(), f.clone()))
                 .collect(),
         }
+    }
+}
+
+/// The pull policy a get follows: unspecified means Always for `:latest` and untagged OCI.
+fn effective_policy(parsed: &ModuleUrl, opts: &GetOptions) -> PullPolicy {
+    match opts.pull_policy {
+        PullPolicy::Unspecified if parsed.is_latest() => PullPolicy::Always,
+        p => p,
     }
 }
 

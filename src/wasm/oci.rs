@@ -377,14 +377,19 @@ impl OciFetcher {
             url: shown.to_owned(),
             reason: format!("layer {}: {reason}", r.layer.digest),
         };
-        match r.extract {
-            Extract::Raw => Ok(sink.buf),
+        let (extract, max, buf) = (r.extract, self.max_bytes, sink.buf);
+        // gunzip and untar are CPU work: off the async threads.
+        tokio::task::spawn_blocking(move || match extract {
+            Extract::Raw => Ok(buf),
             Extract::TarGz => {
-                let tar = unbox::gunzip(&sink.buf, self.max_bytes).map_err(layout)?;
-                unbox::from_tar(&tar, self.max_bytes, false).map_err(layout)
+                let tar = unbox::gunzip(&buf, max)?;
+                unbox::from_tar(&tar, max, false)
             }
-            Extract::Tar => unbox::from_tar(&sink.buf, self.max_bytes, false).map_err(layout),
-        }
+            Extract::Tar => unbox::from_tar(&buf, max, false),
+        })
+        .await
+        .map_err(|e| layout(format!("extraction task failed: {e}")))?
+        .map_err(layout)
     }
 }
 

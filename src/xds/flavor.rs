@@ -92,10 +92,21 @@ pub trait Flavor: Send + Sync + 'static {
     /// Whether a request the agent would swallow changes the subscription the control plane
     /// knows (`known`: SotW names; Delta requests carry changes themselves).
     fn changes_subscription(r: &Self::Req, known: Option<&[String]>) -> bool;
+    /// The reply part of a request: its response nonce and error.
+    fn reply_part(r: &mut Self::Req) -> (&mut String, &mut Option<RpcStatus>);
     /// The request with its reply part (nonce, error) removed: a pure subscription message.
-    fn subscription_only(r: Self::Req) -> Self::Req;
+    fn subscription_only(r: Self::Req) -> Self::Req {
+        Self::readdress(r, "", false)
+    }
     /// The request as a reply to `nonce`, with Envoy's error kept only if `keep_error`.
-    fn readdress(r: Self::Req, nonce: &str, keep_error: bool) -> Self::Req;
+    fn readdress(mut r: Self::Req, nonce: &str, keep_error: bool) -> Self::Req {
+        let (n, error) = Self::reply_part(&mut r);
+        *n = nonce.to_owned();
+        if !keep_error {
+            *error = None;
+        }
+        r
+    }
     /// Drops the resource versions Envoy says it holds (SotW `version_info`, Delta
     /// `initial_resource_versions`), so the control plane sends everything again.
     fn forget_versions(r: &mut Self::Req);
@@ -182,17 +193,8 @@ impl Flavor for Sotw {
     fn changes_subscription(r: &Self::Req, known: Option<&[String]>) -> bool {
         known != Some(r.resource_names.as_slice())
     }
-    fn subscription_only(mut r: Self::Req) -> Self::Req {
-        r.response_nonce.clear();
-        r.error_detail = None;
-        r
-    }
-    fn readdress(mut r: Self::Req, nonce: &str, keep_error: bool) -> Self::Req {
-        r.response_nonce = nonce.to_owned();
-        if !keep_error {
-            r.error_detail = None;
-        }
-        r
+    fn reply_part(r: &mut Self::Req) -> (&mut String, &mut Option<RpcStatus>) {
+        (&mut r.response_nonce, &mut r.error_detail)
     }
     fn forget_versions(r: &mut Self::Req) {
         r.version_info.clear();
@@ -283,17 +285,8 @@ impl Flavor for Delta {
     fn changes_subscription(r: &Self::Req, _: Option<&[String]>) -> bool {
         !r.resource_names_subscribe.is_empty() || !r.resource_names_unsubscribe.is_empty()
     }
-    fn subscription_only(mut r: Self::Req) -> Self::Req {
-        r.response_nonce.clear();
-        r.error_detail = None;
-        r
-    }
-    fn readdress(mut r: Self::Req, nonce: &str, keep_error: bool) -> Self::Req {
-        r.response_nonce = nonce.to_owned();
-        if !keep_error {
-            r.error_detail = None;
-        }
-        r
+    fn reply_part(r: &mut Self::Req) -> (&mut String, &mut Option<RpcStatus>) {
+        (&mut r.response_nonce, &mut r.error_detail)
     }
     fn forget_versions(r: &mut Self::Req) {
         r.initial_resource_versions.clear();

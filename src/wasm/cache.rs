@@ -28,7 +28,8 @@ use super::http::HttpFetcher;
 use super::lease::Lease;
 use super::oci::{OciFetcher, Resolved};
 use super::options::{CacheConfig, GetOptions, Matched, Module, PullPolicy};
-use super::store::{now_ms, now_secs, Index, ModuleEntry, Store};
+use super::store::{now_ms, now_secs, sha256_file, Index, ModuleEntry, Store, TempFile};
+use super::unbox::Boxing;
 use super::url::{ModuleUrl, OciRef};
 use super::{secret, unbox, verify};
 use crate::admin::metrics as m;
@@ -107,7 +108,8 @@ pub struct Cache {
 enum Fetched {
     Cached(Module),
     New {
-        bytes: Vec<u8>,
+        /// The unboxed module, not validated yet, in a temp file.
+        file: TempFile,
         sha: String,
         digests: Vec<String>,
         matched: Option<Matched>,
@@ -459,12 +461,12 @@ impl Cache {
         let module = match fetched {
             Fetched::Cached(module) => module,
             Fetched::New {
-                bytes,
+                file,
                 sha,
                 digests,
                 matched,
             } => {
-                self.store_module(url, &shown, bytes, sha, digests, matched)
+                self.store_module(url, &shown, file, sha, digests, matched)
                     .await?
             }
         };
@@ -491,12 +493,14 @@ impl Cache {
         deadline: Instant,
     ) -> Result<Fetched, FetchError> {
         let max = self.cfg.max_module_bytes;
-        let raw = self.http.fetch(u, deadline).await?;
-        let (raw_sha, bytes, sha) = tokio::task::spawn_blocking(move || {
-            let raw_sha = verify::sha256_hex(&raw);
-            let module = unbox::unbox(raw, max)?;
-            let sha = verify::sha256_hex(&module);
-            Ok::<_, String>((raw_sha, module, sha))
+        let raw = self.temp(shown, "download").await?;
+        let (raw_sha, _) = self.http.fetch(u, deadline, &raw.file).await?;
+        let store = self.store.clone();
+        let (file, sha) = tokio::task::spawn_blocking(move || {
+            let module = unbox::unbox(&store, raw, Boxing::Detect, max)?;
+            let (sha, _) = sha256_file(&module.path)
+                .map_err(|e| format!("cannot read {}: {e}", module.path.display()))?;
+            Ok::<_, String>((module, sha))
         })
         .await
         .map_err(|e| io_err(shown, e.to_string()))?
@@ -518,11 +522,20 @@ impl Cache {
             }
         };
         Ok(Fetched::New {
-            bytes,
+            file,
             sha,
             digests: vec![],
             matched,
         })
+    }
+
+    /// A new temp file in the cache (created off the async threads).
+    async fn temp(&self, shown: &str, label: &'static str) -> Result<TempFile, FetchError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.temp(label, 0o644))
+            .await
+            .map_err(|e| io_err(shown, e.to_string()))?
+            .map_err(|reason| io_err(shown, reason))
     }
 
     async fn fetch_oci(
@@ -555,15 +568,16 @@ impl Cache {
             counter!(m::CACHE_LOOKUP_COUNT, "hit" => "true").increment(1);
             return Ok(Fetched::Cached(module));
         }
-        let bytes = tokio::time::timeout_at(deadline, self.oci.download(shown, &resolved))
-            .await
-            .map_err(|_| timeout("pulling the layer"))??;
-        let (bytes, sha) = tokio::task::spawn_blocking(move || {
-            let sha = verify::sha256_hex(&bytes);
-            (bytes, sha)
+        let file =
+            tokio::time::timeout_at(deadline, self.oci.download(shown, &resolved, &self.store))
+                .await
+                .map_err(|_| timeout("pulling the layer"))??;
+        let (file, sha) = tokio::task::spawn_blocking(move || {
+            sha256_file(&file.path).map(|(sha, _)| (file, sha))
         })
         .await
-        .map_err(|e| io_err(shown, format!("hash task failed: {e}")))?;
+        .map_err(|e| io_err(shown, format!("hash task failed: {e}")))?
+        .map_err(|e| io_err(shown, format!("cannot read the module: {e}")))?;
         let matched = match expected {
             None => None,
             Some(e) if e == sha => Some(Matched::ModuleSha256),
@@ -579,7 +593,7 @@ impl Cache {
         let mut digests = vec![resolved.digest.clone()];
         digests.extend(resolved.index_digest.clone());
         Ok(Fetched::New {
-            bytes,
+            file,
             sha,
             digests,
             matched,
@@ -605,31 +619,33 @@ impl Cache {
         &self,
         url: &str,
         shown: &str,
-        bytes: Vec<u8>,
+        file: TempFile,
         sha: String,
         digests: Vec<String>,
         matched: Option<Matched>,
     ) -> Result<Module, FetchError> {
         let max = self.cfg.max_module_bytes;
-        if bytes.len() as u64 > max {
+        let size = file
+            .file
+            .metadata()
+            .map_err(|e| io_err(shown, format!("cannot stat the module: {e}")))?
+            .len();
+        if size > max {
             return Err(FetchError::TooLarge {
                 url: shown.to_owned(),
                 limit: max,
-                what: format!("module is {} bytes", bytes.len()),
+                what: format!("module is {size} bytes"),
             });
         }
         let store = self.store.clone();
         let sha2 = sha.clone();
         let written = tokio::task::spawn_blocking(move || {
-            verify::validate(&bytes).map_err(|r| (true, r))?;
-            store
-                .put_module(&sha2, &bytes)
-                .map(|p| (p, bytes.len() as u64))
-                .map_err(|r| (false, r))
+            verify::validate_file(&file.path).map_err(|r| (true, r))?;
+            store.persist_module(file, &sha2).map_err(|r| (false, r))
         })
         .await
         .map_err(|e| io_err(shown, e.to_string()))?;
-        let (path, size) = written.map_err(|(invalid, reason)| {
+        let path = written.map_err(|(invalid, reason)| {
             if invalid {
                 FetchError::Invalid {
                     url: shown.to_owned(),

@@ -1,12 +1,14 @@
 //! HTTP(S) fetcher: bounded attempts with exponential backoff and jitter inside the caller's
 //! deadline, retrying only transport errors and retryable statuses; redirects and the proxy
 //! environment (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) are honoured by reqwest; the body is
-//! read under the size cap.
+//! streamed into a file under the size cap and hashed on the way, never held in memory.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::error::{redact, FetchError};
@@ -70,12 +72,20 @@ impl HttpFetcher {
         })
     }
 
-    /// Downloads `url` (raw body, not unboxed) before `deadline`.
+    /// Downloads `url` (raw body, not unboxed) into `sink` before `deadline`; returns the
+    /// body's sha256 (hex) and length.
     pub async fn fetch(
         &self,
         url: &reqwest::Url,
         deadline: Instant,
-    ) -> Result<Vec<u8>, FetchError> {
+        sink: &std::fs::File,
+    ) -> Result<(String, u64), FetchError> {
+        let shown_io = redact(url.as_str());
+        let io = |e: std::io::Error| FetchError::Io {
+            url: shown_io.clone(),
+            reason: format!("cannot write the download: {e}"),
+        };
+        let mut file = tokio::fs::File::from_std(sink.try_clone().map_err(io)?);
         let shown = redact(url.as_str());
         let host = match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -96,12 +106,16 @@ impl HttpFetcher {
                 break;
             }
             attempts = n;
+            // Each attempt starts the file afresh.
+            file.set_len(0).await.map_err(io)?;
+            file.rewind().await.map_err(io)?;
             match self
                 .attempt(
                     client,
                     url,
                     &shown,
                     remaining.min(self.opts.request_timeout),
+                    &mut file,
                 )
                 .await
             {
@@ -138,7 +152,8 @@ impl HttpFetcher {
         url: &reqwest::Url,
         shown: &str,
         timeout: Duration,
-    ) -> Result<Vec<u8>, Attempt> {
+        file: &mut tokio::fs::File,
+    ) -> Result<(String, u64), Attempt> {
         let resp = client
             .get(url.clone())
             .timeout(timeout)
@@ -169,16 +184,26 @@ impl HttpFetcher {
         if let Some(len) = resp.content_length().filter(|l| *l > limit) {
             return Err(too_large(format!("Content-Length {len}")));
         }
-        let mut body = Vec::new();
+        let write_err = |e: std::io::Error| {
+            Attempt::Fatal(FetchError::Io {
+                url: shown.to_owned(),
+                reason: format!("cannot write the download: {e}"),
+            })
+        };
+        let mut hash = Sha256::new();
+        let mut len: u64 = 0;
         let mut chunks = resp.bytes_stream();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| Attempt::Retry(describe_reqwest(&e)))?;
-            if (body.len() + chunk.len()) as u64 > limit {
+            len += chunk.len() as u64;
+            if len > limit {
                 return Err(too_large("body kept coming past the limit".into()));
             }
-            body.extend_from_slice(&chunk);
+            hash.update(&chunk);
+            file.write_all(&chunk).await.map_err(write_err)?;
         }
-        Ok(body)
+        file.flush().await.map_err(write_err)?;
+        Ok((hex::encode(hash.finalize()), len))
     }
 }
 

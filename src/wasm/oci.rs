@@ -27,8 +27,9 @@ use oci_client::{Client, Reference};
 use serde::Deserialize;
 
 use super::error::FetchError;
+use super::store::{Store, TempFile};
 use super::tls::FetchTls;
-use super::unbox;
+use super::unbox::{self, Boxing};
 use super::url::OciRef;
 use crate::errors::describe_reqwest;
 
@@ -353,10 +354,26 @@ impl OciFetcher {
         })
     }
 
-    /// Downloads the layer (digest-verified by the client) and extracts the module bytes.
-    pub async fn download(&self, shown: &str, r: &Resolved) -> Result<Vec<u8>, FetchError> {
+    /// Downloads the layer (digest-verified by the client) into a temp file and extracts the
+    /// module into another, streaming.
+    pub async fn download(
+        &self,
+        shown: &str,
+        r: &Resolved,
+        store: &Store,
+    ) -> Result<TempFile, FetchError> {
+        let io = |e: String| FetchError::Io {
+            url: shown.to_owned(),
+            reason: e,
+        };
+        let layer = store.temp("layer", 0o644).map_err(io)?;
+        let file = layer
+            .file
+            .try_clone()
+            .map_err(|e| io(format!("cannot write the layer: {e}")))?;
         let mut sink = CappedSink {
-            buf: Vec::new(),
+            file: tokio::fs::File::from_std(file),
+            written: 0,
             limit: self.max_bytes,
             overflowed: false,
         };
@@ -377,25 +394,24 @@ impl OciFetcher {
             url: shown.to_owned(),
             reason: format!("layer {}: {reason}", r.layer.digest),
         };
-        let (extract, max, buf) = (r.extract, self.max_bytes, sink.buf);
-        // gunzip and untar are CPU work: off the async threads.
-        tokio::task::spawn_blocking(move || match extract {
-            Extract::Raw => Ok(buf),
-            Extract::TarGz => {
-                let tar = unbox::gunzip(&buf, max)?;
-                unbox::from_tar(&tar, max, false)
-            }
-            Extract::Tar => unbox::from_tar(&buf, max, false),
-        })
-        .await
-        .map_err(|e| layout(format!("extraction task failed: {e}")))?
-        .map_err(layout)
+        let boxing = match r.extract {
+            Extract::Raw => Boxing::Raw,
+            Extract::TarGz => Boxing::TarGz,
+            Extract::Tar => Boxing::Tar,
+        };
+        let (max, store) = (self.max_bytes, store.clone());
+        // gunzip and untar are CPU and disk work: off the async threads.
+        tokio::task::spawn_blocking(move || unbox::unbox(&store, layer, boxing, max))
+            .await
+            .map_err(|e| layout(format!("extraction task failed: {e}")))?
+            .map_err(layout)
     }
 }
 
-/// An `AsyncWrite` into memory that fails once more than `limit` bytes arrive.
+/// An `AsyncWrite` into a file that fails once more than `limit` bytes arrive.
 struct CappedSink {
-    buf: Vec<u8>,
+    file: tokio::fs::File,
+    written: u64,
     limit: u64,
     overflowed: bool,
 }
@@ -403,20 +419,26 @@ struct CappedSink {
 impl tokio::io::AsyncWrite for CappedSink {
     fn poll_write(
         mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if (self.buf.len() + data.len()) as u64 > self.limit {
+        if self.written + data.len() as u64 > self.limit {
             self.overflowed = true;
             return Poll::Ready(Err(std::io::Error::other("module exceeds the size limit")));
         }
-        self.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        let this = &mut *self;
+        match Pin::new(&mut this.file).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                this.written += n as u64;
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
     }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.file).poll_flush(cx)
     }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.file).poll_shutdown(cx)
     }
 }

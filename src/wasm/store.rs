@@ -131,6 +131,44 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// A file being written under `tmp/`: locked by this process, removed when dropped unless it
+/// was persisted (renamed into place).
+#[derive(Debug)]
+pub struct TempFile {
+    pub path: PathBuf,
+    pub file: File,
+    done: bool,
+}
+
+impl TempFile {
+    /// fsync, set `mode`, rename to `final_path`, fsync the directory.
+    fn persist(mut self, final_path: &Path, mode: u32) -> Result<(), String> {
+        let tmp = &self.path;
+        self.file
+            .sync_all()
+            .map_err(|e| io_ctx("cannot fsync", tmp, e))?;
+        // The umask may have narrowed the mode; Envoy (another user) must read modules.
+        fs::set_permissions(tmp, fs::Permissions::from_mode(mode))
+            .map_err(|e| io_ctx("cannot chmod", tmp, e))?;
+        fs::rename(tmp, final_path).map_err(|e| io_ctx("cannot rename into", final_path, e))?;
+        self.done = true;
+        if let Some(parent) = final_path.parent() {
+            if let Ok(d) = File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
 fn io_ctx(what: &str, path: &Path, e: std::io::Error) -> String {
     format!("{what} {}: {e}", path.display())
 }
@@ -247,35 +285,49 @@ impl Store {
             .and_then(|n| n.to_str())
             .unwrap_or("file")
             .to_owned();
-        let tmp = self.tmp_path(&label);
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(&tmp)
-                .map_err(|e| io_ctx("cannot create", &tmp, e))?;
-            // Held until the file is renamed and closed: no other process removes it meanwhile.
-            f.lock().map_err(|e| io_ctx("cannot lock", &tmp, e))?;
-            f.write_all(bytes)
-                .map_err(|e| io_ctx("cannot write", &tmp, e))?;
-            f.sync_all().map_err(|e| io_ctx("cannot fsync", &tmp, e))?;
-            // The umask may have narrowed the mode; Envoy (another user) must read modules.
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
-                .map_err(|e| io_ctx("cannot chmod", &tmp, e))?;
-            fs::rename(&tmp, final_path)
-                .map_err(|e| io_ctx("cannot rename into", final_path, e))?;
-            if let Some(parent) = final_path.parent() {
-                if let Ok(d) = File::open(parent) {
-                    let _ = d.sync_all();
-                }
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        let mut tmp = self.temp(&label, mode)?;
+        tmp.file
+            .write_all(bytes)
+            .map_err(|e| io_ctx("cannot write", &tmp.path, e))?;
+        tmp.persist(final_path, mode)
+    }
+
+    /// A new temp file under `tmp/`, locked until it is persisted or dropped (then removed).
+    pub fn temp(&self, label: &str, mode: u32) -> Result<TempFile, String> {
+        let path = self.tmp_path(label);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(|e| io_ctx("cannot create", &path, e))?;
+        // Held until the file is renamed and closed: no other process removes it meanwhile.
+        if let Err(e) = file.lock() {
+            let _ = fs::remove_file(&path);
+            return Err(io_ctx("cannot lock", &path, e));
         }
-        result
+        Ok(TempFile {
+            path,
+            file,
+            done: false,
+        })
+    }
+
+    /// Moves a verified module file into place under its sha256 (if the same module is already
+    /// there, the temp file is dropped instead).
+    pub fn persist_module(&self, tmp: TempFile, sha: &str) -> Result<PathBuf, String> {
+        let path = self.module_path(sha);
+        let len = tmp
+            .file
+            .metadata()
+            .map_err(|e| io_ctx("cannot stat", &tmp.path, e))?
+            .len();
+        if fs::metadata(&path).is_ok_and(|m| m.len() == len) {
+            return Ok(path);
+        }
+        tmp.persist(&path, 0o644)?;
+        Ok(path)
     }
 
     /// Writes a verified module under its sha256 (no-op if it is already there).

@@ -8,7 +8,7 @@ ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION ?= 1.40.*
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Test fixtures (registry, TLS, htpasswd) and the C → wasm32 toolchain for the test plugins.
-DEB_PKGS := docker-registry skopeo wabt apache2-utils openssl curl jq clang lld wasi-libc libclang-rt-14-dev-wasm32
+DEB_PKGS := docker-registry skopeo wabt apache2-utils openssl curl jq clang lld wasi-libc libclang-rt-14-dev-wasm32 time util-linux
 
 PLUGIN_DIR := testdata/plugins/basic_auth
 PLUGIN_CFLAGS := --target=wasm32-wasi -O2 -mexec-model=reactor -Wl,--strip-all

@@ -32,3 +32,15 @@ pub fn describe_reqwest(e: &reqwest::Error) -> String {
     append_causes(&mut s, std::error::Error::source(e));
     s
 }
+
+/// An I/O error as text, with the errno name added where operators grep for it (a full disk,
+/// a read-only or over-quota filesystem).
+pub fn io_text(e: &std::io::Error) -> String {
+    let name = match e.raw_os_error() {
+        Some(28) => " [ENOSPC]",
+        Some(30) => " [EROFS]",
+        Some(122) => " [EDQUOT]",
+        _ => "",
+    };
+    format!("{e}{name}")
+}

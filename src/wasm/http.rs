@@ -83,9 +83,8 @@ impl HttpFetcher {
         let shown_io = redact(url.as_str());
         let io = |e: std::io::Error| FetchError::Io {
             url: shown_io.clone(),
-            reason: format!("cannot write the download: {e}"),
+            reason: format!("cannot write the download: {}", crate::errors::io_text(&e)),
         };
-        let mut file = tokio::fs::File::from_std(sink.try_clone().map_err(io)?);
         let shown = redact(url.as_str());
         let host = match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -106,10 +105,13 @@ impl HttpFetcher {
                 break;
             }
             attempts = n;
-            // Each attempt starts the file afresh.
-            file.set_len(0).await.map_err(io)?;
-            file.rewind().await.map_err(io)?;
-            match self
+            // Each attempt starts the file afresh. Writes go to the blocking pool in 1 MiB
+            // pieces, not one hop per network chunk.
+            let mut f = tokio::fs::File::from_std(sink.try_clone().map_err(io)?);
+            f.set_len(0).await.map_err(io)?;
+            f.rewind().await.map_err(io)?;
+            let mut file = tokio::io::BufWriter::with_capacity(1 << 20, f);
+            let outcome = self
                 .attempt(
                     client,
                     url,
@@ -117,8 +119,11 @@ impl HttpFetcher {
                     remaining.min(self.opts.request_timeout),
                     &mut file,
                 )
-                .await
-            {
+                .await;
+            // A failed attempt's buffered bytes are dropped unwritten; one already on its way
+            // to the disk is waited for, so it cannot land after the next truncation.
+            let _ = file.get_mut().flush().await;
+            match outcome {
                 Ok(body) => return Ok(body),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => {
@@ -152,7 +157,7 @@ impl HttpFetcher {
         url: &reqwest::Url,
         shown: &str,
         timeout: Duration,
-        file: &mut tokio::fs::File,
+        file: &mut tokio::io::BufWriter<tokio::fs::File>,
     ) -> Result<(String, u64), Attempt> {
         let resp = client
             .get(url.clone())
@@ -187,7 +192,7 @@ impl HttpFetcher {
         let write_err = |e: std::io::Error| {
             Attempt::Fatal(FetchError::Io {
                 url: shown.to_owned(),
-                reason: format!("cannot write the download: {e}"),
+                reason: format!("cannot write the download: {}", crate::errors::io_text(&e)),
             })
         };
         let mut hash = Sha256::new();

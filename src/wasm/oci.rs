@@ -105,6 +105,7 @@ pub struct OciFetcher {
 fn oci_reason(e: &OciDistributionError) -> String {
     match e {
         OciDistributionError::RequestError(r) => describe_reqwest(r),
+        OciDistributionError::IoError(io) => format!("I/O error: {}", crate::errors::io_text(io)),
         other => other.to_string(),
     }
 }
@@ -372,7 +373,7 @@ impl OciFetcher {
             .try_clone()
             .map_err(|e| io(format!("cannot write the layer: {e}")))?;
         let mut sink = CappedSink {
-            file: tokio::fs::File::from_std(file),
+            file: tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file)),
             written: 0,
             limit: self.max_bytes,
             overflowed: false,
@@ -410,7 +411,7 @@ impl OciFetcher {
 
 /// An `AsyncWrite` into a file that fails once more than `limit` bytes arrive.
 struct CappedSink {
-    file: tokio::fs::File,
+    file: tokio::io::BufWriter<tokio::fs::File>,
     written: u64,
     limit: u64,
     overflowed: bool,

@@ -170,7 +170,7 @@ impl Drop for TempFile {
 }
 
 fn io_ctx(what: &str, path: &Path, e: std::io::Error) -> String {
-    format!("{what} {}: {e}", path.display())
+    format!("{what} {}: {}", path.display(), crate::errors::io_text(&e))
 }
 
 pub fn now_ms() -> u64 {

@@ -64,9 +64,13 @@ fn copy_capped(
         if n > limit {
             return Err(format!("{what}: decompresses to more than {limit} bytes"));
         }
-        out.file
-            .write_all(&buf[..k])
-            .map_err(|e| format!("cannot write {}: {e}", out.path.display()))?;
+        out.file.write_all(&buf[..k]).map_err(|e| {
+            format!(
+                "cannot write {}: {}",
+                out.path.display(),
+                crate::errors::io_text(&e)
+            )
+        })?;
     }
 }
 

@@ -10,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Router;
+use futures::StreamExt;
 
 #[derive(Clone, Default)]
 pub struct Route {
@@ -18,6 +19,8 @@ pub struct Route {
     pub fail_first: usize,
     pub fail_status: u16,
     pub delay: Duration,
+    /// Send the body in 64 KiB pieces with this pause between them (a slow download).
+    pub trickle: Duration,
 }
 
 #[derive(Default)]
@@ -55,6 +58,20 @@ async fn serve(State(inner): State<Arc<Mutex<Inner>>>, Path(path): Path<String>)
         return Response::builder()
             .status(StatusCode::from_u16(route.fail_status).unwrap())
             .body(Body::from("scripted failure"))
+            .unwrap();
+    }
+    if !route.trickle.is_zero() {
+        let pause = route.trickle;
+        let len = route.body.len();
+        let pieces: Vec<Vec<u8>> = route.body.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+        let stream = futures::stream::iter(pieces).then(move |p| async move {
+            tokio::time::sleep(pause).await;
+            Ok::<_, std::io::Error>(p)
+        });
+        return Response::builder()
+            .status(200)
+            .header("content-length", len)
+            .body(Body::from_stream(stream))
             .unwrap();
     }
     Response::builder()

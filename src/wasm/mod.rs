@@ -12,16 +12,23 @@
 //! * `verify` — sha256 and Wasm validation
 //! * `store`  — atomic files and the persistent index
 //! * `options` — the types at the cache's boundary (options, results, config)
-//! * `cache`  — the get path: lookups, pull policy, single-flight, fetch, store
+//! * `cache`  — the façade: `get`, its order of work, the state and the cache's invariants
+//! * `index`  — the index and its rules as pure functions (lookup, pull policy, merge)
+//! * `flight` — one download per module, in-process and across processes
+//! * `pipeline` — streaming fetch → unbox → check → validate → store
+//! * `view`   — the admin snapshot
 //! * `retention` — pins, expiry purge, LRU byte budget
 //! * `lease`  — pins published to other processes sharing the directory
 
 pub mod cache;
 pub mod error;
+mod flight;
 pub mod http;
+pub mod index;
 pub mod lease;
 pub mod oci;
 pub mod options;
+mod pipeline;
 mod retention;
 pub mod secret;
 pub mod store;
@@ -29,7 +36,9 @@ pub mod tls;
 pub mod unbox;
 pub mod url;
 pub mod verify;
+mod view;
 
-pub use cache::{Cache, CacheView, FailureInfo, ModuleView};
+pub use cache::Cache;
 pub use error::FetchError;
 pub use options::{CacheConfig, GetOptions, Matched, Module, PullPolicy};
+pub use view::{CacheView, FailureInfo, ModuleView};

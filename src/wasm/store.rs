@@ -16,13 +16,12 @@
 //!
 //! Blocking I/O only; callers run it on the blocking pool.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use super::index::{Index, ModuleEntry, UrlEntry};
 
 /// A temp file whose writer's lock is free is removed only once it is this old (covers the
 /// instant between creating a temp file and locking it).
@@ -57,63 +56,6 @@ fn file_matches(path: &Path, sha: &str) -> Option<u64> {
     match sha256_file(path) {
         Ok((h, len)) if h == sha => Some(len),
         _ => None,
-    }
-}
-
-/// One cached module.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct ModuleEntry {
-    pub size: u64,
-    /// URLs this module was fetched from.
-    #[serde(default)]
-    pub urls: BTreeSet<String>,
-    /// OCI image manifest (and index) digests that resolve to this module.
-    #[serde(default)]
-    pub oci_digests: BTreeSet<String>,
-    /// Unix seconds.
-    pub last_used: u64,
-    pub fetched_at: u64,
-}
-
-/// What the cache remembers about one URL (for pull policies).
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct UrlEntry {
-    pub sha256: String,
-    #[serde(default)]
-    pub oci_digest: Option<String>,
-    /// Resource name → last resource version seen with this URL.
-    #[serde(default)]
-    pub versions: BTreeMap<String, String>,
-    /// Unix milliseconds of the last fetch from this URL (by any process).
-    #[serde(default)]
-    pub fetched_at_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct Index {
-    #[serde(default)]
-    pub modules: BTreeMap<String, ModuleEntry>,
-    #[serde(default)]
-    pub urls: BTreeMap<String, UrlEntry>,
-}
-
-impl Index {
-    /// Takes in what another process recorded: modules this index lacks, and URL results
-    /// fetched more recently than ours (for modules this index has). The one merge rule for
-    /// a cache directory shared between processes.
-    pub fn absorb(&mut self, other: Index) {
-        for (sha, entry) in other.modules {
-            self.modules.entry(sha).or_insert(entry);
-        }
-        for (url, entry) in other.urls {
-            let newer = self
-                .urls
-                .get(&url)
-                .is_none_or(|u| u.fetched_at_ms < entry.fetched_at_ms);
-            if newer && self.modules.contains_key(&entry.sha256) {
-                self.urls.insert(url, entry);
-            }
-        }
     }
 }
 

@@ -1,0 +1,293 @@
+//! The index of the cache and its rules, as pure functions: what a URL or checksum resolves
+//! to, when a cached result may be reused under a pull policy, how a result is recorded and how
+//! two processes' indexes merge. No I/O, no locks: `store` reads and writes the index, the
+//! cache façade holds it under its mutex.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::FetchError;
+use super::options::{GetOptions, Matched, Module, PullPolicy};
+use super::url::ModuleUrl;
+
+/// One cached module.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ModuleEntry {
+    pub size: u64,
+    /// URLs this module was fetched from.
+    #[serde(default)]
+    pub urls: BTreeSet<String>,
+    /// OCI image manifest (and index) digests that resolve to this module.
+    #[serde(default)]
+    pub oci_digests: BTreeSet<String>,
+    /// Unix seconds.
+    pub last_used: u64,
+    pub fetched_at: u64,
+}
+
+/// What the cache remembers about one URL (for pull policies).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct UrlEntry {
+    pub sha256: String,
+    #[serde(default)]
+    pub oci_digest: Option<String>,
+    /// Resource name → last resource version seen with this URL.
+    #[serde(default)]
+    pub versions: BTreeMap<String, String>,
+    /// Unix milliseconds of the last fetch from this URL (by any process).
+    #[serde(default)]
+    pub fetched_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Index {
+    #[serde(default)]
+    pub modules: BTreeMap<String, ModuleEntry>,
+    #[serde(default)]
+    pub urls: BTreeMap<String, UrlEntry>,
+}
+
+impl Index {
+    /// Takes in what another process recorded: modules this index lacks, and URL results
+    /// fetched more recently than ours (for modules this index has). The one merge rule for
+    /// a cache directory shared between processes.
+    pub fn absorb(&mut self, other: Index) {
+        for (sha, entry) in other.modules {
+            self.modules.entry(sha).or_insert(entry);
+        }
+        for (url, entry) in other.urls {
+            let newer = self
+                .urls
+                .get(&url)
+                .is_none_or(|u| u.fetched_at_ms < entry.fetched_at_ms);
+            if newer && self.modules.contains_key(&entry.sha256) {
+                self.urls.insert(url, entry);
+            }
+        }
+    }
+}
+
+/// A checksum as the cache compares it: lower-case hex without `sha256:`; empty or Istio's
+/// `nil` is none.
+pub fn normalize_sha(s: &str) -> Option<String> {
+    let s = s.trim();
+    let s = s.strip_prefix("sha256:").unwrap_or(s);
+    if s.is_empty() || s == "nil" {
+        return None;
+    }
+    Some(s.to_ascii_lowercase())
+}
+
+/// The checksum a get must satisfy: `sha256` given, else a digest pinned in the URL.
+pub fn expected_checksum(
+    parsed: &ModuleUrl,
+    sha256: Option<&str>,
+    shown: &str,
+) -> Result<Option<String>, FetchError> {
+    let bad = |reason: String| FetchError::BadUrl {
+        url: shown.to_owned(),
+        reason,
+    };
+    match sha256.and_then(normalize_sha) {
+        None => Ok(parsed.pinned_digest()),
+        Some(s) if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Err(bad(format!("sha256 {s:?} is not 64 hex digits")))
+        }
+        Some(s) => match parsed.pinned_digest() {
+            Some(pinned) if pinned != s => Err(bad(format!(
+                "sha256 {s} differs from the digest in the URL ({pinned})"
+            ))),
+            _ => Ok(Some(s)),
+        },
+    }
+}
+
+/// The pull policy a get follows: unspecified means Always for `:latest` and untagged OCI.
+pub fn effective_policy(parsed: &ModuleUrl, opts: &GetOptions) -> PullPolicy {
+    match opts.pull_policy {
+        PullPolicy::Unspecified if parsed.is_latest() => PullPolicy::Always,
+        p => p,
+    }
+}
+
+/// Whether the cached result `u` of a URL may be reused under `policy`: always, except under
+/// Always, where only the same resource version reuses it.
+pub fn reusable(u: &UrlEntry, policy: PullPolicy, opts: &GetOptions) -> bool {
+    match policy {
+        PullPolicy::Always => u.versions.get(&opts.resource_name) == Some(&opts.resource_version),
+        _ => true,
+    }
+}
+
+/// Which of an OCI manifest's `digest` and its index's `index_digest` equals `hex`, if any.
+pub fn digest_match(digest: &str, index_digest: Option<&str>, hex: &str) -> Option<Matched> {
+    if digest.trim_start_matches("sha256:") == hex {
+        Some(Matched::ManifestDigest)
+    } else if index_digest.map(|d| d.trim_start_matches("sha256:")) == Some(hex) {
+        Some(Matched::IndexDigest)
+    } else {
+        None
+    }
+}
+
+/// A module whose bytes or OCI digest equal `hex`.
+pub fn find_by_checksum(index: &Index, hex: &str) -> Option<(String, Option<Matched>)> {
+    if index.modules.contains_key(hex) {
+        return Some((hex.to_owned(), Some(Matched::ModuleSha256)));
+    }
+    let digest = format!("sha256:{hex}");
+    index
+        .modules
+        .iter()
+        .find(|(_, e)| e.oci_digests.contains(&digest))
+        .map(|(sha, _)| (sha.clone(), Some(Matched::ManifestDigest)))
+}
+
+/// Records `url`'s result (and, with `opts`, the resource version it was asked for) at time
+/// `now`; returns whether the index changed.
+pub fn record_url(
+    index: &mut Index,
+    url: &str,
+    module: &Module,
+    opts: Option<&GetOptions>,
+    now: u64,
+) -> bool {
+    let entry = index.urls.entry(url.to_owned()).or_default();
+    let mut changed = entry.sha256 != module.sha256;
+    entry.sha256 = module.sha256.clone();
+    if module.oci_digest.is_some() {
+        entry.oci_digest = module.oci_digest.clone();
+    }
+    if let Some(opts) = opts.filter(|o| {
+        !o.resource_name.is_empty()
+            && entry.versions.get(&o.resource_name) != Some(&o.resource_version)
+    }) {
+        entry
+            .versions
+            .insert(opts.resource_name.clone(), opts.resource_version.clone());
+        changed = true;
+    }
+    if let Some(e) = index.modules.get_mut(&module.sha256) {
+        e.last_used = now;
+        if e.urls.insert(url.to_owned()) {
+            changed = true;
+        }
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(c: char) -> String {
+        c.to_string().repeat(64)
+    }
+
+    fn index_with(module: &str, digest: &str) -> Index {
+        let mut index = Index::default();
+        index.modules.insert(
+            module.to_owned(),
+            ModuleEntry {
+                size: 1,
+                oci_digests: BTreeSet::from([digest.to_owned()]),
+                ..Default::default()
+            },
+        );
+        index
+    }
+
+    #[test]
+    fn checksums_find_modules_by_bytes_or_oci_digest() {
+        let index = index_with(&sha('a'), &format!("sha256:{}", sha('b')));
+        assert_eq!(
+            find_by_checksum(&index, &sha('a')),
+            Some((sha('a'), Some(Matched::ModuleSha256)))
+        );
+        assert_eq!(
+            find_by_checksum(&index, &sha('b')),
+            Some((sha('a'), Some(Matched::ManifestDigest)))
+        );
+        assert_eq!(find_by_checksum(&index, &sha('c')), None);
+        assert_eq!(normalize_sha(" sha256:ABC "), Some("abc".into()));
+        assert_eq!(normalize_sha("nil"), None);
+        let d = format!("sha256:{}", sha('d'));
+        assert_eq!(
+            digest_match(&d, None, &sha('d')),
+            Some(Matched::ManifestDigest)
+        );
+        assert_eq!(
+            digest_match("x", Some(&d), &sha('d')),
+            Some(Matched::IndexDigest)
+        );
+        assert_eq!(digest_match("x", None, &sha('d')), None);
+    }
+
+    #[test]
+    fn pull_policy_table() {
+        let latest = ModuleUrl::parse("oci://r.example/p:latest").unwrap();
+        let untagged = ModuleUrl::parse("oci://r.example/p").unwrap();
+        let tagged = ModuleUrl::parse("oci://r.example/p:1.0").unwrap();
+        let http = ModuleUrl::parse("https://h.example/p.wasm").unwrap();
+        let opts = |p| GetOptions {
+            pull_policy: p,
+            resource_name: "r".into(),
+            resource_version: "2".into(),
+            ..Default::default()
+        };
+        use PullPolicy::*;
+        for (url, policy, want) in [
+            (&latest, Unspecified, Always),
+            (&untagged, Unspecified, Always),
+            (&tagged, Unspecified, Unspecified),
+            (&http, Unspecified, Unspecified),
+            (&latest, IfNotPresent, IfNotPresent),
+            (&tagged, Always, Always),
+        ] {
+            assert_eq!(effective_policy(url, &opts(policy)), want);
+        }
+        let mut u = UrlEntry::default();
+        u.versions.insert("r".into(), "1".into());
+        assert!(reusable(&u, IfNotPresent, &opts(IfNotPresent)));
+        assert!(!reusable(&u, Always, &opts(Always)), "new resource version");
+        u.versions.insert("r".into(), "2".into());
+        assert!(reusable(&u, Always, &opts(Always)), "same resource version");
+    }
+
+    #[test]
+    fn expected_checksums() {
+        let pinned = ModuleUrl::parse(&format!("oci://r.example/p@sha256:{}", sha('e'))).unwrap();
+        let plain = ModuleUrl::parse("https://h.example/p.wasm").unwrap();
+        assert_eq!(expected_checksum(&plain, None, "u").unwrap(), None);
+        assert_eq!(
+            expected_checksum(&pinned, None, "u").unwrap(),
+            Some(sha('e'))
+        );
+        assert!(
+            expected_checksum(&pinned, Some(&sha('f')), "u").is_err(),
+            "differs from the URL"
+        );
+        assert!(
+            expected_checksum(&plain, Some("xyz"), "u").is_err(),
+            "not 64 hex digits"
+        );
+    }
+
+    #[test]
+    fn recording_marks_changes_only() {
+        let mut index = index_with(&sha('a'), "d");
+        let m = Module {
+            path: "p".into(),
+            sha256: sha('a'),
+            oci_digest: None,
+            size: 1,
+            matched: None,
+            fetched: true,
+        };
+        assert!(record_url(&mut index, "u", &m, None, 5));
+        assert!(!record_url(&mut index, "u", &m, None, 6));
+        assert_eq!(index.modules[&sha('a')].last_used, 6);
+        assert!(index.modules[&sha('a')].urls.contains("u"));
+    }
+}

@@ -1,0 +1,244 @@
+//! The fetch pipeline, streaming end to end: HTTP body or OCI layer → temp file (hashed on the
+//! way) → unboxed file → checksum → streaming validation → renamed into `modules/`. Memory does
+//! not grow with the module. For OCI the manifest comes first, and a module already cached
+//! under its digest is reused without pulling the layer.
+
+use metrics::counter;
+use oci_client::secrets::RegistryAuth;
+use tokio::time::Instant;
+
+use super::cache::{io_err, Cache};
+use super::error::FetchError;
+use super::index::{digest_match, find_by_checksum};
+use super::oci::Resolved;
+use super::options::{Matched, Module};
+use super::store::{now_secs, sha256_file, ModuleEntry, TempFile};
+use super::unbox::{self, Boxing};
+use super::url::OciRef;
+use super::{secret, verify};
+use crate::admin::metrics as m;
+
+/// What a fetch produced: a module already in the cache (OCI digest known), or new bytes.
+pub(super) enum Fetched {
+    Cached(Module),
+    New {
+        /// The unboxed module, not validated yet, in a temp file.
+        file: TempFile,
+        sha: String,
+        digests: Vec<String>,
+        matched: Option<Matched>,
+    },
+}
+
+impl Cache {
+    pub(super) async fn fetch_http(
+        &self,
+        u: &reqwest::Url,
+        shown: &str,
+        expected: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Fetched, FetchError> {
+        let max = self.cfg.max_module_bytes;
+        let raw = self.temp(shown, "download").await?;
+        let (raw_sha, _) = self.http.fetch(u, deadline, &raw.file).await?;
+        let store = self.store.clone();
+        let (file, sha) = tokio::task::spawn_blocking(move || {
+            let module = unbox::unbox(&store, raw, Boxing::Detect, max)?;
+            let (sha, _) = sha256_file(&module.path)
+                .map_err(|e| format!("cannot read {}: {e}", module.path.display()))?;
+            Ok::<_, String>((module, sha))
+        })
+        .await
+        .map_err(|e| io_err(shown, e.to_string()))?
+        .map_err(|reason| FetchError::Invalid {
+            url: shown.to_owned(),
+            reason,
+        })?;
+        let matched = match expected {
+            None => None,
+            Some(e) if e == sha => Some(Matched::ModuleSha256),
+            Some(e) if e == raw_sha => Some(Matched::RawBodySha256),
+            Some(e) => {
+                return Err(FetchError::Checksum {
+                    url: shown.to_owned(),
+                    want: e.to_owned(),
+                    got: sha,
+                    digest: None,
+                })
+            }
+        };
+        Ok(Fetched::New {
+            file,
+            sha,
+            digests: vec![],
+            matched,
+        })
+    }
+
+    /// A new temp file in the cache (created off the async threads).
+    async fn temp(&self, shown: &str, label: &'static str) -> Result<TempFile, FetchError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.temp(label, 0o644))
+            .await
+            .map_err(|e| io_err(shown, e.to_string()))?
+            .map_err(|reason| io_err(shown, reason))
+    }
+
+    pub(super) async fn fetch_oci(
+        &self,
+        r: &OciRef,
+        shown: &str,
+        expected: Option<&str>,
+        secret: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<Fetched, FetchError> {
+        let total = deadline.saturating_duration_since(Instant::now());
+        let timeout = |stage| FetchError::Timeout {
+            url: shown.to_owned(),
+            timeout: total,
+            stage,
+        };
+        let auth = match secret {
+            None => RegistryAuth::Anonymous,
+            Some(s) => secret::auth_for(s, &r.registry).map_err(|reason| FetchError::Secret {
+                url: shown.to_owned(),
+                reason,
+            })?,
+        };
+        let resolved = tokio::time::timeout_at(deadline, self.oci.resolve(shown, r, auth))
+            .await
+            .map_err(|_| timeout("fetching the manifest"))??;
+
+        // Lookup #2: this manifest's module may already be here (no layer pull).
+        if let Some(module) = self.cached_by_manifest(&resolved, expected).await {
+            counter!(m::CACHE_LOOKUP_COUNT, "hit" => "true").increment(1);
+            return Ok(Fetched::Cached(module));
+        }
+        let file =
+            tokio::time::timeout_at(deadline, self.oci.download(shown, &resolved, &self.store))
+                .await
+                .map_err(|_| timeout("pulling the layer"))??;
+        let (file, sha) = tokio::task::spawn_blocking(move || {
+            sha256_file(&file.path).map(|(sha, _)| (file, sha))
+        })
+        .await
+        .map_err(|e| io_err(shown, format!("hash task failed: {e}")))?
+        .map_err(|e| io_err(shown, format!("cannot read the module: {e}")))?;
+        let matched = match expected {
+            None => None,
+            Some(e) if e == sha => Some(Matched::ModuleSha256),
+            Some(e) => Some(
+                digest_match(&resolved.digest, resolved.index_digest.as_deref(), e).ok_or_else(
+                    || FetchError::Checksum {
+                        url: shown.to_owned(),
+                        want: e.to_owned(),
+                        got: sha.clone(),
+                        digest: Some(resolved.digest.clone()),
+                    },
+                )?,
+            ),
+        };
+        let mut digests = vec![resolved.digest.clone()];
+        digests.extend(resolved.index_digest.clone());
+        Ok(Fetched::New {
+            file,
+            sha,
+            digests,
+            matched,
+        })
+    }
+
+    /// The cached module whose OCI digest is `resolved`'s, if it satisfies `expected`.
+    async fn cached_by_manifest(
+        &self,
+        resolved: &Resolved,
+        expected: Option<&str>,
+    ) -> Option<Module> {
+        let (sha, _) = find_by_checksum(
+            &self.lock().index,
+            resolved.digest.trim_start_matches("sha256:"),
+        )?;
+        let matched = match expected {
+            None => None,
+            Some(e) if e == sha => Some(Matched::ModuleSha256),
+            Some(e) => Some(digest_match(
+                &resolved.digest,
+                resolved.index_digest.as_deref(),
+                e,
+            )?),
+        };
+        let mut module = self.cached(&sha, matched).await?;
+        module.oci_digest = Some(resolved.digest.clone());
+        Some(module)
+    }
+
+    /// Validates and writes a new module, then indexes it.
+    pub(super) async fn store_module(
+        &self,
+        url: &str,
+        shown: &str,
+        file: TempFile,
+        sha: String,
+        digests: Vec<String>,
+        matched: Option<Matched>,
+    ) -> Result<Module, FetchError> {
+        let max = self.cfg.max_module_bytes;
+        let size = file
+            .file
+            .metadata()
+            .map_err(|e| io_err(shown, format!("cannot stat the module: {e}")))?
+            .len();
+        if size > max {
+            return Err(FetchError::TooLarge {
+                url: shown.to_owned(),
+                limit: max,
+                what: format!("module is {size} bytes"),
+            });
+        }
+        let store = self.store.clone();
+        let sha2 = sha.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            verify::validate_file(&file.path).map_err(|r| (true, r))?;
+            store.persist_module(file, &sha2).map_err(|r| (false, r))
+        })
+        .await
+        .map_err(|e| io_err(shown, e.to_string()))?;
+        let path = written.map_err(|(invalid, reason)| {
+            if invalid {
+                FetchError::Invalid {
+                    url: shown.to_owned(),
+                    reason,
+                }
+            } else {
+                io_err(shown, reason)
+            }
+        })?;
+        let now = now_secs();
+        {
+            let mut st = self.lock();
+            let entry = st
+                .index
+                .modules
+                .entry(sha.clone())
+                .or_insert_with(|| ModuleEntry {
+                    size,
+                    fetched_at: now,
+                    ..Default::default()
+                });
+            entry.last_used = now;
+            entry.urls.insert(url.to_owned());
+            entry.oci_digests.extend(digests.iter().cloned());
+            st.dirty = true;
+        }
+        self.enforce_budget(&sha).await;
+        self.publish_gauges();
+        Ok(Module {
+            path,
+            sha256: sha,
+            oci_digest: digests.into_iter().next(),
+            size,
+            matched,
+            fetched: true,
+        })
+    }
+}

@@ -1,0 +1,102 @@
+//! The admin view of the cache: a consistent snapshot of its modules, who uses them and what
+//! failed, for `/debug/wasm` and `/stats`. Reads the cache's state; never changes the index.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::cache::Cache;
+use super::error::redact;
+use super::store::now_secs;
+
+/// The last failure seen for a URL (debug page).
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureInfo {
+    pub error: String,
+    /// Unix seconds.
+    pub at: u64,
+    /// Unix seconds of the next background retry, when one is scheduled.
+    pub next_retry: Option<u64>,
+    pub resources: Vec<String>,
+}
+
+/// One cached module as the debug page shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleView {
+    pub sha256: String,
+    pub path: PathBuf,
+    pub urls: Vec<String>,
+    pub oci_digests: Vec<String>,
+    pub size: u64,
+    pub fetched_at: u64,
+    pub last_used: u64,
+    /// `resource (stream N)` for each live ECDS resource using it.
+    pub used_by: Vec<String>,
+    pub last_error: Option<FailureInfo>,
+}
+
+/// A consistent snapshot of the cache for the admin pages.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheView {
+    pub cache_dir: PathBuf,
+    pub total_bytes: u64,
+    pub budget_bytes: u64,
+    pub modules: Vec<ModuleView>,
+    pub failures: BTreeMap<String, FailureInfo>,
+}
+
+impl Cache {
+    /// Notes when the next background retry for a URL will run (debug page).
+    pub fn note_retry(&self, url: &str, next_retry_in: Duration) {
+        let mut st = self.lock();
+        if let Some(f) = st.failures.get_mut(&redact(url)) {
+            f.next_retry = Some(now_secs() + next_retry_in.as_secs());
+        }
+    }
+
+    /// A snapshot for the admin pages: modules, their URLs, digests, users and last errors.
+    pub fn view(&self) -> CacheView {
+        let st = self.lock();
+        let mut users: HashMap<&str, Vec<String>> = HashMap::new();
+        for ((owner, name), sha) in &st.pins {
+            users
+                .entry(sha.as_str())
+                .or_default()
+                .push(format!("{name} (stream {owner})"));
+        }
+        let modules = st
+            .index
+            .modules
+            .iter()
+            .map(|(sha, e)| {
+                let urls: Vec<String> = e.urls.iter().map(|u| redact(u)).collect();
+                let mut used_by = users.get(sha.as_str()).cloned().unwrap_or_default();
+                used_by.sort();
+                ModuleView {
+                    sha256: sha.clone(),
+                    path: self.store.module_path(sha),
+                    last_error: urls.iter().find_map(|u| st.failures.get(u)).cloned(),
+                    urls,
+                    oci_digests: e.oci_digests.iter().cloned().collect(),
+                    size: e.size,
+                    fetched_at: e.fetched_at,
+                    last_used: e.last_used,
+                    used_by,
+                }
+            })
+            .collect();
+        CacheView {
+            cache_dir: self.cfg.dir.clone(),
+            total_bytes: st.total_bytes(),
+            budget_bytes: self.cfg.max_cache_bytes,
+            modules,
+            failures: st
+                .failures
+                .iter()
+                .map(|(u, f)| (u.clone(), f.clone()))
+                .collect(),
+        }
+    }
+}

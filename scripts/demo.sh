@@ -42,7 +42,7 @@ wait_for() { # wait_for DESCRIPTION COMMAND...
   die "$what did not come up (logs in $W)"
 }
 
-[ -x "$AGENT" ] || die "build first: cargo build"
+[ -x "$AGENT" ] || die "build first: cargo build --features demo"
 command -v docker-registry >/dev/null || die "docker-registry missing: make deps"
 command -v skopeo >/dev/null || die "skopeo missing: make deps"
 rm -rf "$W"; mkdir -p "$W"

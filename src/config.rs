@@ -1,4 +1,7 @@
-//! The command line: every flag, its environment variable, its default and its validation.
+//! The command line of `run` and `fetch`: every flag, its environment variable, its default and
+//! its validation, and the mapping of flags onto each component's own config type
+//! ([`CacheConfig`], [`crate::xds::ProxyConfig`], [`crate::ecds::FailureMode`]). The components
+//! never read flags themselves; `main` composes the subcommands.
 //!
 //! Parsing only: this module opens no sockets and reads no files beyond checking that the
 //! files named exist. A value that cannot work is rejected here so that `main` can exit 2
@@ -8,76 +11,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 
-/// Top-level command line.
-#[derive(Debug, Parser)]
-#[command(
-    name = "ecds-agent",
-    version,
-    about = "Sidecar that proxies Envoy's ADS to the control plane and turns remote Wasm modules \
-             (HTTP(S) / OCI) in ECDS into verified local files.",
-    long_about = None,
-    propagate_version = true
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the agent: listen for Envoy, proxy ADS upstream, convert ECDS.
-    Run(Box<RunArgs>),
-    /// Pull one module into the cache and print its path and digest (pre-warm / debug).
-    Fetch(Box<FetchArgs>),
-    /// Run the built-in demo control plane (istiod stand-in) serving a WasmPlugin over ADS.
-    Demo(Box<crate::demo::DemoArgs>),
-}
-
-/// Where Envoy connects: a Unix socket path or a TCP address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
-}
-
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-        }
-    }
-}
-
-/// Parses `unix:/path` or `host:port`.
-pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
-    if let Some(path) = s.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err("unix: needs a socket path, e.g. unix:/etc/istio/proxy/XDS".into());
-        }
-        return Ok(ListenAddr::Unix(PathBuf::from(path)));
-    }
-    s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|e| {
-        format!("'{s}' is neither unix:/path nor host:port ({e}); e.g. 127.0.0.1:15010")
-    })
-}
-
-/// Parses the control plane URL: `http://host:port` or `https://host:port`.
-pub fn parse_upstream(s: &str) -> Result<http::Uri, String> {
-    let uri: http::Uri = s
-        .parse()
-        .map_err(|e| format!("'{s}' is not a URL ({e}); e.g. http://127.0.0.1:15010"))?;
-    match uri.scheme_str() {
-        Some("http") | Some("https") => {}
-        _ => return Err(format!("'{s}' must start with http:// or https://")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("'{s}' has no host"));
-    }
-    Ok(uri)
-}
+use crate::wasm::http::HttpOptions;
+use crate::wasm::tls::FetchTls;
+use crate::wasm::CacheConfig;
+pub use crate::xds::listen::{parse_listen, ListenAddr};
+pub use crate::xds::upstream::{parse_upstream, UpstreamAddr};
 
 /// The longest duration any flag takes: longer values are typos, and would overflow clocks.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -143,10 +83,11 @@ pub struct RunArgs {
           value_parser = parse_listen, value_name = "ADDR")]
     pub listen: ListenAddr,
 
-    /// The control plane: http://host:port (plaintext HTTP/2) or https://host:port (TLS).
+    /// The control plane: http://host:port (plaintext HTTP/2), https://host:port (TLS), or
+    /// unix:/path (plaintext HTTP/2 over a Unix socket, e.g. pilot-agent's /etc/istio/proxy/XDS).
     #[arg(long, env = "ECDS_AGENT_UPSTREAM", default_value = "https://istiod.istio-system.svc:15012",
           value_parser = parse_upstream, value_name = "URL")]
-    pub upstream: http::Uri,
+    pub upstream: UpstreamAddr,
 
     /// PEM CA bundle that signs the control plane's certificate (https upstream); system roots if unset.
     #[arg(long, env = "ECDS_AGENT_UPSTREAM_CA", value_parser = existing_file, value_name = "FILE")]
@@ -274,7 +215,43 @@ pub struct CacheArgs {
     pub fetch_ca: Option<PathBuf>,
 }
 
+impl RunArgs {
+    /// The proxy's limits from these flags.
+    pub fn proxy_config(&self) -> crate::xds::ProxyConfig {
+        crate::xds::ProxyConfig {
+            max_request_bytes: self.max_request_bytes,
+            max_response_bytes: self.max_response_bytes,
+            max_streams: self.max_streams as usize,
+        }
+    }
+
+    /// What the converter delivers for a module that cannot be fetched.
+    pub fn failure_mode(&self) -> crate::ecds::FailureMode {
+        match self.fetch_failure {
+            FetchFailureMode::StandIn => crate::ecds::FailureMode::StandIn,
+            FetchFailureMode::NackOnly => crate::ecds::FailureMode::NackOnly,
+        }
+    }
+}
+
 impl CacheArgs {
+    /// The cache's config from these flags.
+    pub fn cache_config(&self) -> Result<CacheConfig, String> {
+        Ok(CacheConfig {
+            dir: self.cache_dir.clone(),
+            expiry: self.effective_expiry(),
+            purge_interval: self.effective_purge_interval(),
+            max_module_bytes: self.max_module_bytes,
+            max_cache_bytes: self.cache_max_bytes,
+            http: HttpOptions {
+                request_timeout: self.http_timeout,
+                max_attempts: self.http_max_attempts,
+                max_bytes: self.max_module_bytes,
+            },
+            tls: FetchTls::new(self.fetch_ca.as_deref(), self.insecure_list())?,
+        })
+    }
+
     /// The insecure list, trimmed, empty entries dropped.
     pub fn insecure_list(&self) -> Vec<String> {
         self.insecure_registries
@@ -361,6 +338,14 @@ mod tests {
         assert!(parse_upstream("https://istiod:15012").is_ok());
         assert!(parse_upstream("grpc://x:1").is_err());
         assert!(parse_upstream("127.0.0.1:15010").is_err());
+        for s in ["unix:/etc/istio/proxy/XDS", "unix:///etc/istio/proxy/XDS"] {
+            assert_eq!(
+                parse_upstream(s).unwrap(),
+                UpstreamAddr::Unix("/etc/istio/proxy/XDS".into())
+            );
+        }
+        assert!(parse_upstream("unix:relative").is_err());
+        assert!(parse_upstream("unix:").is_err());
     }
 
     #[test]

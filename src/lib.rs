@@ -13,11 +13,13 @@
 //!                wasm (HTTP/OCI fetchers, verification, on-disk cache)
 //! ```
 //!
-//! `admin` serves health, metrics and debug pages; `config` owns the command line.
-//! `demo` is a small istiod-like control plane used by `make demo` and the end-to-end tests.
+//! `admin` serves health, metrics and debug pages; `config` owns the command line of the
+//! sidecar. `demo` (cargo feature `demo`, which `make demo` and `make test` enable; never in a
+//! production build) is a small istiod-like control plane for the walkthrough and the tests.
 
 pub mod admin;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod ecds;
 pub mod errors;

@@ -6,14 +6,41 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ecds_agent::admin::{self, AdminState};
-use ecds_agent::config::{Cli, Command, FetchArgs, FetchPolicy, RunArgs};
+use ecds_agent::config::{FetchArgs, FetchPolicy, RunArgs};
 use ecds_agent::ecds::Converter;
-use ecds_agent::wasm::{Cache, CacheConfig, GetOptions, PullPolicy};
+use ecds_agent::wasm::{Cache, GetOptions, PullPolicy};
 use ecds_agent::xds::{self, listen, upstream, ProxyContext};
 use tokio::sync::watch;
 use tracing::{info, warn};
+
+/// Top-level command line: the subcommands, each with its own flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ecds-agent",
+    version,
+    about = "Sidecar that proxies Envoy's ADS to the control plane and turns remote Wasm modules \
+             (HTTP(S) / OCI) in ECDS into verified local files.",
+    long_about = None,
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: listen for Envoy, proxy ADS upstream, convert ECDS.
+    Run(Box<RunArgs>),
+    /// Pull one module into the cache and print its path and digest (pre-warm / debug).
+    Fetch(Box<FetchArgs>),
+    /// Run the built-in demo control plane (istiod stand-in) serving a WasmPlugin over ADS
+    /// (built with the `demo` feature only).
+    #[cfg(feature = "demo")]
+    Demo(Box<ecds_agent::demo::DemoArgs>),
+}
 
 /// A failure and the exit code it deserves.
 enum Failure {
@@ -76,6 +103,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(*args).await,
             Command::Fetch(args) => fetch(*args).await,
+            #[cfg(feature = "demo")]
             Command::Demo(args) => ecds_agent::demo::run(*args).await.map_err(Failure::Runtime),
         }
     });
@@ -95,7 +123,7 @@ fn main() -> ExitCode {
 }
 
 async fn open_cache(args: &ecds_agent::config::CacheArgs) -> Result<Arc<Cache>, Failure> {
-    let cfg = CacheConfig::from_args(args).map_err(Failure::Usage)?;
+    let cfg = args.cache_config().map_err(Failure::Usage)?;
     Cache::open(cfg)
         .await
         .map_err(|e| Failure::Usage(format!("--cache-dir {}: {e}", args.cache_dir.display())))
@@ -139,7 +167,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         let cache = open_cache(&args.cache).await?;
         let conv = Arc::new(Converter::new(
             cache.clone(),
-            args.fetch_failure,
+            args.failure_mode(),
             args.retry_max_backoff,
         ));
         (Some(cache), Some(conv))
@@ -149,12 +177,12 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     let purger = cache.as_ref().map(|c| c.spawn_purger());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let proxy = xds::ProxyConfig {
-        max_request_bytes: args.max_request_bytes,
-        max_response_bytes: args.max_response_bytes,
-        max_streams: args.max_streams as usize,
-    };
-    let ctx = Arc::new(ProxyContext::new(proxy, up, converter, shutdown_rx.clone()));
+    let ctx = Arc::new(ProxyContext::new(
+        args.proxy_config(),
+        up,
+        converter,
+        shutdown_rx.clone(),
+    ));
     let state = AdminState::new(cache.clone(), ctx.rejections.clone());
     let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
     let mut stop = shutdown_rx.clone();

@@ -76,7 +76,16 @@ struct Stack {
 }
 
 impl Stack {
-    async fn start(envoy: &Path, api_type: &str, url_repo: &str, fail: &str, push: bool) -> Stack {
+    /// With `chained`, the control plane listens on a Unix socket and the agent dials it there,
+    /// as ecds-agent chained in front of pilot-agent's socket in an Istio pod.
+    async fn start(
+        envoy: &Path,
+        api_type: &str,
+        url_repo: &str,
+        fail: &str,
+        push: bool,
+        chained: bool,
+    ) -> Stack {
         let reg = Registry::plain().await;
         if push {
             reg.push(REPO, "1.12.0", &plugin_wasm(), Layout::OciImage)
@@ -94,7 +103,11 @@ impl Stack {
         )
         .unwrap();
         let (cp_addr, http, page) = (
-            format!("127.0.0.1:{}", free_port()),
+            if chained {
+                format!("unix:{}", dir.path().join("pilot-agent-XDS").display())
+            } else {
+                format!("127.0.0.1:{}", free_port())
+            },
             format!("127.0.0.1:{}", free_port()),
             format!("127.0.0.1:{}", free_port()),
         );
@@ -117,7 +130,12 @@ impl Stack {
             .unwrap();
         let cp = Killed(cp);
         let sock = dir.path().join("XDS");
-        let agent = Agent::builder(&format!("http://{cp_addr}"))
+        let upstream = if chained {
+            cp_addr.clone()
+        } else {
+            format!("http://{cp_addr}")
+        };
+        let agent = Agent::builder(&upstream)
             .listen(&format!("unix:{}", sock.display()))
             .args([
                 "--insecure-registries",
@@ -214,7 +232,7 @@ impl Stack {
     }
 }
 
-async fn seed_walkthrough(api_type: &str) {
+async fn seed_walkthrough(api_type: &str, chained: bool) {
     let Some(envoy) = envoy_bin() else { return };
     let s = Stack::start(
         &envoy,
@@ -222,6 +240,7 @@ async fn seed_walkthrough(api_type: &str) {
         &format!("{REPO}:1.12.0"),
         "FAIL_CLOSE",
         true,
+        chained,
     )
     .await;
     // The seed's two curls.
@@ -278,12 +297,24 @@ async fn seed_walkthrough(api_type: &str) {
 
 #[tokio::test]
 async fn seed_walkthrough_sotw() {
-    seed_walkthrough("GRPC").await;
+    seed_walkthrough("GRPC", false).await;
 }
 
 #[tokio::test]
 async fn seed_walkthrough_delta() {
-    seed_walkthrough("DELTA_GRPC").await;
+    seed_walkthrough("DELTA_GRPC", false).await;
+}
+
+/// Chained in an Istio pod: Envoy → ecds-agent → a control plane on a Unix socket (playing
+/// pilot-agent's `/etc/istio/proxy/XDS` with its conversion off) — the seed's 401 then 200.
+#[tokio::test]
+async fn chained_behind_a_unix_socket_control_plane_sotw() {
+    seed_walkthrough("GRPC", true).await;
+}
+
+#[tokio::test]
+async fn chained_behind_a_unix_socket_control_plane_delta() {
+    seed_walkthrough("DELTA_GRPC", true).await;
 }
 
 async fn fail_close_then_heal(api_type: &str) {
@@ -294,6 +325,7 @@ async fn fail_close_then_heal(api_type: &str) {
         api_type,
         &format!("{REPO}:1.12.0"),
         "FAIL_CLOSE",
+        false,
         false,
     )
     .await;
@@ -340,6 +372,7 @@ async fn bad_url_fail_open_gives_200() {
         &format!("{REPO}/missing:0.0.1"),
         "FAIL_OPEN",
         true,
+        false,
     )
     .await;
     s.until("/productpage", None, 200, 30).await;

@@ -18,8 +18,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use crate::config::{parse_duration, parse_listen, ListenAddr};
+use crate::config::parse_duration;
 use crate::proto::type_url;
+use crate::xds::listen::{parse_listen, ListenAddr};
 use control_plane::DemoControlPlane;
 use wasmplugin::WasmPlugin;
 
@@ -46,9 +47,9 @@ pub struct ControlPlaneArgs {
     /// WasmPlugin YAML (re-read on change; each change is a new push).
     #[arg(long, default_value = "testdata/wasmplugin.yaml", value_name = "FILE")]
     pub wasmplugin: PathBuf,
-    /// ADS address the agent connects to.
-    #[arg(long, default_value = "127.0.0.1:15010", value_name = "ADDR")]
-    pub listen: SocketAddr,
+    /// ADS address the agent connects to: host:port, or unix:/path (as pilot-agent's socket).
+    #[arg(long, default_value = "127.0.0.1:15010", value_parser = parse_listen, value_name = "ADDR")]
+    pub listen: ListenAddr,
     /// Address of the listener Envoy opens for the seed's curls.
     #[arg(long, default_value = "127.0.0.1:18080", value_name = "ADDR")]
     pub envoy_listener: SocketAddr,
@@ -142,16 +143,26 @@ async fn run_control_plane(a: ControlPlaneArgs) -> anyhow::Result<()> {
     load(&cp, &a, version)?;
     let mut seen = fingerprint(&a.wasmplugin);
 
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
-        .with_context(|| format!("--listen {}", a.listen))?;
+    let bound = crate::xds::listen::bind(&a.listen).await?;
     println!(
         "[control-plane] ADS on {}, productpage on {}",
         a.listen, a.productpage
     );
-    let server = tonic::transport::Server::builder()
-        .add_service(cp.service())
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    let router = tonic::transport::Server::builder().add_service(cp.service());
+    let server = async move {
+        match bound {
+            crate::xds::listen::Bound::Tcp(l) => {
+                router
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+                    .await
+            }
+            crate::xds::listen::Bound::Unix(l) => {
+                router
+                    .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(l))
+                    .await
+            }
+        }
+    };
     let page = productpage(a.productpage);
     let watch = async {
         loop {

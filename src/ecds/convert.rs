@@ -20,7 +20,6 @@ use super::env::take_hints;
 use super::standin;
 use super::wasm_filter::{classify, WasmFilter};
 use crate::admin::metrics as m;
-use crate::config::FetchFailureMode;
 use crate::proto::type_url;
 use crate::wasm::{Cache, GetOptions, Module};
 
@@ -99,9 +98,18 @@ impl Outcome {
     }
 }
 
+/// What Envoy gets for a module that cannot be fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// An allow-all / deny-all RBAC filter of the same name, per the plugin's failure policy.
+    StandIn,
+    /// Nothing for that resource (Istio 1.24); the NACK says why.
+    NackOnly,
+}
+
 pub struct Converter {
     cache: Arc<Cache>,
-    mode: FetchFailureMode,
+    mode: FailureMode,
     max_backoff: Duration,
 }
 
@@ -152,7 +160,7 @@ fn fetch_timeout(d: Option<envoy_types::pb::google::protobuf::Duration>) -> Dura
 }
 
 impl Converter {
-    pub fn new(cache: Arc<Cache>, mode: FetchFailureMode, max_backoff: Duration) -> Self {
+    pub fn new(cache: Arc<Cache>, mode: FailureMode, max_backoff: Duration) -> Self {
         Self {
             cache,
             mode,
@@ -223,7 +231,7 @@ impl Converter {
         };
         let hints = take_hints(vm);
         let fail = |error: String, result, heal| Outcome::FetchFailed {
-            standin: (self.mode == FetchFailureMode::StandIn)
+            standin: (self.mode == FailureMode::StandIn)
                 .then(|| standin::resource(&name, kind, fail_open)),
             name: name.clone(),
             error,

@@ -97,21 +97,3 @@ pub struct CacheConfig {
     pub http: HttpOptions,
     pub tls: FetchTls,
 }
-
-impl CacheConfig {
-    pub fn from_args(a: &crate::config::CacheArgs) -> Result<Self, String> {
-        Ok(Self {
-            dir: a.cache_dir.clone(),
-            expiry: a.effective_expiry(),
-            purge_interval: a.effective_purge_interval(),
-            max_module_bytes: a.max_module_bytes,
-            max_cache_bytes: a.cache_max_bytes,
-            http: HttpOptions {
-                request_timeout: a.http_timeout,
-                max_attempts: a.http_max_attempts,
-                max_bytes: a.max_module_bytes,
-            },
-            tls: FetchTls::new(a.fetch_ca.as_deref(), a.insecure_list())?,
-        })
-    }
-}

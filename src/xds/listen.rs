@@ -1,12 +1,40 @@
 //! Binding the Envoy-facing socket: a Unix socket (Istio's default, `/etc/istio/proxy/XDS`)
 //! or TCP. Owns only socket set-up; serving happens in `server`.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::config::ListenAddr;
+/// Where Envoy connects: a Unix socket path or a TCP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// Parses `unix:/path` or `host:port`.
+pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix: needs a socket path, e.g. unix:/etc/istio/proxy/XDS".into());
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|e| {
+        format!("'{s}' is neither unix:/path nor host:port ({e}); e.g. 127.0.0.1:15010")
+    })
+}
 
 /// A bound Envoy-facing listener.
 pub enum Bound {

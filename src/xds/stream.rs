@@ -188,7 +188,7 @@ async fn session<F: Flavor>(
         ))),
         End::UpstreamUnreachable(e) => Some(Status::unavailable(format!(
             "ecds-agent: control plane {} unreachable: {e}",
-            ctx.upstream.uri()
+            ctx.upstream.addr()
         ))),
         End::UpstreamClosed => Some(Status::unavailable(
             "ecds-agent: control plane closed the stream",

@@ -1,5 +1,6 @@
 //! The control-plane side: how a new upstream ADS connection is dialled (plaintext h2, TLS or
-//! mTLS). One connection per Envoy stream, as Istio's agent does, so streams never share fate.
+//! mTLS over TCP, or plaintext h2 over a Unix socket such as pilot-agent's). One connection per
+//! Envoy stream, as Istio's agent does, so streams never share fate.
 //!
 //! TLS files are read again whenever they change (Istio and cert-manager rotate workload
 //! certificates, typically daily): each new connection uses the files as they are then, without
@@ -7,12 +8,60 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
+
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 pub type AdsClient = AggregatedDiscoveryServiceClient<Channel>;
+
+/// Parses the control plane address: `http://host:port`, `https://host:port`, or
+/// `unix:/path` (also `unix:///path`) for plaintext HTTP/2 over a Unix socket.
+pub fn parse_upstream(s: &str) -> Result<UpstreamAddr, String> {
+    if let Some(rest) = s.strip_prefix("unix:") {
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        if !path.starts_with('/') {
+            return Err(format!(
+                "'{s}' needs an absolute socket path, e.g. unix:/etc/istio/proxy/XDS"
+            ));
+        }
+        return Ok(UpstreamAddr::Unix(PathBuf::from(path)));
+    }
+    parse_upstream_url(s).map(UpstreamAddr::Url)
+}
+
+/// Where the control plane is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    /// `http://` (plaintext HTTP/2) or `https://` (TLS).
+    Url(http::Uri),
+    /// Plaintext HTTP/2 over a Unix socket (e.g. pilot-agent's `/etc/istio/proxy/XDS`).
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAddr::Url(u) => write!(f, "{u}"),
+            UpstreamAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+fn parse_upstream_url(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("'{s}' is not a URL ({e}); e.g. http://127.0.0.1:15010"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("'{s}' must start with http:// or https://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("'{s}' has no host"));
+    }
+    Ok(uri)
+}
 
 /// TLS material for the upstream connection (all optional).
 #[derive(Debug, Clone, Default)]
@@ -48,6 +97,7 @@ struct TlsFiles {
 
 /// A recipe for dialling the control plane.
 pub struct Upstream {
+    addr: UpstreamAddr,
     uri: http::Uri,
     tls: UpstreamTls,
     /// The endpoint and the file contents it was built from.
@@ -108,18 +158,25 @@ fn endpoint(
 }
 
 impl Upstream {
-    pub fn new(uri: http::Uri, tls: &UpstreamTls) -> Result<Self, UpstreamError> {
+    pub fn new(addr: UpstreamAddr, tls: &UpstreamTls) -> Result<Self, UpstreamError> {
+        let uri = match &addr {
+            UpstreamAddr::Url(u) => u.clone(),
+            // The authority of requests over the socket; nothing resolves it.
+            UpstreamAddr::Unix(_) => http::Uri::from_static("http://localhost"),
+        };
         let files = tls.read_files()?;
         let ep = endpoint(&uri, tls, &files)?;
         Ok(Self {
+            addr,
             uri,
             tls: tls.clone(),
             current: Mutex::new((files, ep)),
         })
     }
 
-    pub fn uri(&self) -> &http::Uri {
-        &self.uri
+    /// Where the control plane is, as the user wrote it.
+    pub fn addr(&self) -> &UpstreamAddr {
+        &self.addr
     }
 
     /// The endpoint for a new connection, rebuilt if the TLS files changed.
@@ -152,7 +209,22 @@ impl Upstream {
         &self,
         max_response_bytes: usize,
     ) -> Result<AdsClient, tonic::transport::Error> {
-        let channel = self.endpoint().await.connect().await?;
+        let endpoint = self.endpoint().await;
+        let channel = match &self.addr {
+            UpstreamAddr::Url(_) => endpoint.connect().await?,
+            UpstreamAddr::Unix(path) => {
+                let path = path.clone();
+                endpoint
+                    .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                        let path = path.clone();
+                        async move {
+                            let s = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                        }
+                    }))
+                    .await?
+            }
+        };
         Ok(AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(max_response_bytes)
             .max_encoding_message_size(usize::MAX))

@@ -169,6 +169,34 @@ impl ControlPlane {
         Self::start_with(addr, Some(tls)).await
     }
 
+    /// A plaintext control plane on a Unix socket (as pilot-agent's `/etc/istio/proxy/XDS`).
+    pub async fn start_unix(path: &Path) -> Self {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).expect("bind control plane socket");
+        let (streams_tx, streams) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let svc = AggregatedDiscoveryServiceServer::new(Server {
+            streams: streams_tx,
+        });
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await;
+        });
+        Self {
+            addr: "0.0.0.0:0".parse().unwrap(),
+            streams,
+            stop: Some(stop),
+            task,
+        }
+    }
+
     async fn start_with(addr: SocketAddr, tls: Option<tonic::transport::ServerTlsConfig>) -> Self {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

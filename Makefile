@@ -77,6 +77,13 @@ demo: deps build
 	-@$(MAKE) -s envoy || echo "demo: Envoy could not be installed; the demo will show the ECDS exchange only"
 	ENVOY_BIN=$(ENVOY) ./scripts/demo.sh
 
+## The container image: FROM scratch with buildah (vfs, chroot), pushed to a local
+## docker-registry with skopeo, then unpacked with umoci and run under chroot to prove it.
+image:
+	@missing=""; for p in buildah skopeo umoci docker-registry jq curl; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
+	./scripts/image.sh
+
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV) .demo

@@ -229,6 +229,7 @@ async fn cache(dir: &std::path::Path) -> Arc<Cache> {
             request_timeout: Duration::from_secs(5),
             max_attempts: 3,
             max_bytes: 256 << 20,
+            blocked: Default::default(),
         },
         tls: FetchTls::default(),
     })

@@ -55,6 +55,11 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("'{s}' is not a byte count ({e})"))
 }
 
+/// Checks a comma-separated CIDR list (kept as text; [`CacheArgs::cache_config`] maps it).
+fn parse_cidrs(s: &str) -> Result<String, String> {
+    crate::wasm::guard::Blocklist::parse_extra(s).map(|_| s.to_owned())
+}
+
 fn existing_file(s: &str) -> Result<PathBuf, String> {
     let p = PathBuf::from(s);
     match std::fs::metadata(&p) {
@@ -210,6 +215,13 @@ pub struct CacheArgs {
           value_name = "BYTES")]
     pub cache_max_bytes: u64,
 
+    /// Extra CIDRs no HTTP(S) module download may dial (comma-separated), besides the always
+    /// blocked link-local and cloud metadata ranges (169.254.0.0/16, fe80::/10,
+    /// 100.100.100.200/32, fd00:ec2::/32). Applied at every redirect hop, after DNS.
+    #[arg(long, env = "BLOCKED_CIDRS_IN_WASM_FETCH", default_value = "", value_name = "CIDRS",
+          value_parser = parse_cidrs)]
+    pub blocked_cidrs: String,
+
     /// Extra PEM CA bundle trusted for HTTPS module servers and OCI registries (besides system roots).
     #[arg(long, env = "ECDS_AGENT_FETCH_CA", value_parser = existing_file, value_name = "FILE")]
     pub fetch_ca: Option<PathBuf>,
@@ -247,6 +259,10 @@ impl CacheArgs {
                 request_timeout: self.http_timeout,
                 max_attempts: self.http_max_attempts,
                 max_bytes: self.max_module_bytes,
+                blocked: crate::wasm::guard::Blocklist::with_extra(
+                    &crate::wasm::guard::Blocklist::parse_extra(&self.blocked_cidrs)
+                        .map_err(|e| format!("--blocked-cidrs: {e}"))?,
+                ),
             },
             tls: FetchTls::new(self.fetch_ca.as_deref(), self.insecure_list())?,
         })

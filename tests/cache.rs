@@ -45,6 +45,7 @@ async fn cache_in(dir: &std::path::Path, o: Opts) -> Arc<Cache> {
             request_timeout: Duration::from_secs(5),
             max_attempts: 5,
             max_bytes: o.max_bytes,
+            blocked: Default::default(),
         },
         tls: FetchTls::new(ca.as_deref(), o.insecure).unwrap(),
     })

@@ -1,7 +1,9 @@
 //! HTTP(S) fetcher: bounded attempts with exponential backoff and jitter inside the caller's
-//! deadline, retrying only transport errors and retryable statuses; redirects and the proxy
-//! environment (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) are honoured by reqwest; the body is
-//! streamed into a file under the size cap and hashed on the way, never held in memory.
+//! deadline, retrying only transport errors and retryable statuses; the proxy environment
+//! (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) is honoured by reqwest; redirects are followed by
+//! hand under `guard`'s rules (TLS policy per hop, no https→http downgrade, no Referer, at most
+//! 10, no loops) and every dial skips blocked addresses; the body is streamed into a file under
+//! the size cap and hashed on the way, never held in memory.
 
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::error::{redact, FetchError};
+use super::guard::{self, Blocklist, GuardedResolver, MAX_REDIRECTS};
 use super::tls::FetchTls;
 use crate::errors::describe_reqwest;
 
@@ -21,6 +24,8 @@ pub struct HttpOptions {
     pub request_timeout: Duration,
     pub max_attempts: u32,
     pub max_bytes: u64,
+    /// Addresses no download may dial.
+    pub blocked: Blocklist,
 }
 
 pub struct HttpFetcher {
@@ -55,7 +60,9 @@ impl HttpFetcher {
             let mut b = reqwest::Client::builder()
                 .user_agent(concat!("ecds-agent/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::limited(10));
+                .redirect(reqwest::redirect::Policy::none())
+                .referer(false)
+                .dns_resolver(std::sync::Arc::new(GuardedResolver(opts.blocked.clone())));
             for c in tls.roots() {
                 b = b.add_root_certificate(c.clone());
             }
@@ -86,16 +93,6 @@ impl HttpFetcher {
             reason: format!("cannot write the download: {}", crate::errors::io_text(&e)),
         };
         let shown = redact(url.as_str());
-        let host = match (url.host_str(), url.port()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_owned(),
-            _ => String::new(),
-        };
-        let client = if self.tls.is_insecure(&host) {
-            &self.insecure
-        } else {
-            &self.secure
-        };
         let total = deadline.saturating_duration_since(Instant::now());
         let mut last = String::from("no attempt made: the deadline had already passed");
         let mut attempts = 0;
@@ -113,7 +110,6 @@ impl HttpFetcher {
             let mut file = tokio::io::BufWriter::with_capacity(1 << 20, f);
             let outcome = self
                 .attempt(
-                    client,
                     url,
                     &shown,
                     remaining.min(self.opts.request_timeout),
@@ -151,20 +147,54 @@ impl HttpFetcher {
         })
     }
 
+    /// The client for `u`'s host: verified TLS, or no verification for listed insecure hosts.
+    fn client_for(&self, u: &reqwest::Url) -> &reqwest::Client {
+        if self.tls.is_insecure(&guard::host_port(u)) {
+            &self.insecure
+        } else {
+            &self.secure
+        }
+    }
+
     async fn attempt(
         &self,
-        client: &reqwest::Client,
         url: &reqwest::Url,
         shown: &str,
         timeout: Duration,
         file: &mut tokio::io::BufWriter<tokio::fs::File>,
     ) -> Result<(String, u64), Attempt> {
-        let resp = client
-            .get(url.clone())
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| Attempt::Retry(describe_reqwest(&e)))?;
+        let refused = |last: String| {
+            Attempt::Fatal(FetchError::Download {
+                url: shown.to_owned(),
+                attempts: 1,
+                last,
+            })
+        };
+        let until = Instant::now() + timeout;
+        let mut current = url.clone();
+        let mut seen: Vec<reqwest::Url> = Vec::new();
+        let resp = loop {
+            guard::check_literal(&current, &self.opts.blocked).map_err(refused)?;
+            let resp = self
+                .client_for(&current)
+                .get(current.clone())
+                .timeout(until.saturating_duration_since(Instant::now()))
+                .send()
+                .await
+                .map_err(|e| Attempt::Retry(describe_reqwest(&e)))?;
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok());
+            let Some(location) = location.filter(|_| resp.status().is_redirection()) else {
+                break resp;
+            };
+            if seen.len() >= MAX_REDIRECTS {
+                return Err(refused(format!("more than {MAX_REDIRECTS} redirects")));
+            }
+            seen.push(current.clone());
+            current = guard::next_hop(&current, location, &self.tls, &seen).map_err(refused)?;
+        };
         let status = resp.status();
         if status != reqwest::StatusCode::OK {
             let why = format!("HTTP status {status}");

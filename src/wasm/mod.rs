@@ -4,7 +4,8 @@
 //! about Envoy or ECDS. The single entry point is [`Cache::get`].
 //!
 //! * `url`    — parsing module URLs
-//! * `http`   — HTTP(S) fetcher (retries, backoff, size cap)
+//! * `http`   — HTTP(S) fetcher (retries, backoff, size cap, redirects by hand)
+//! * `guard`  — what a fetch may reach: blocked addresses (SSRF), redirect rules
 //! * `oci`    — OCI fetcher (manifest/index resolution, three image layouts)
 //! * `secret` — docker config JSON pull secrets
 //! * `tls`    — extra CA roots and the insecure registry list
@@ -23,6 +24,7 @@
 pub mod cache;
 pub mod error;
 mod flight;
+pub mod guard;
 pub mod http;
 pub mod index;
 pub mod lease;

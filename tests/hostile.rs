@@ -1,0 +1,234 @@
+//! Hostile and misdirecting servers for the HTTP fetcher, through the real `fetch` command and a
+//! Python server (not written in Rust): an https URL redirected to plain http, a pre-signed URL
+//! whose token must not reach the redirect target, loops and long chains, and the dial-level
+//! SSRF guard (`BLOCKED_CIDRS_IN_WASM_FETCH`), tested with loopback addresses only.
+
+mod support;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use support::registry::{pki, sha256_hex};
+use support::res::module;
+
+struct Py {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Py {
+    fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("PYTHON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "python3".into())
+}
+
+/// Starts the redirector on `bind`, serving `dir`; HTTPS with the test PKI when `tls`.
+fn redirector(bind: &str, dir: &Path, tls: bool) -> Py {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = dir.join(format!("requests-{n}.jsonl"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/redirector.py");
+    let mut cmd = Command::new(python());
+    cmd.arg(script)
+        .args(["--bind", bind, "--dir"])
+        .arg(dir)
+        .arg("--log")
+        .arg(&log)
+        .stdout(Stdio::piped());
+    if tls {
+        cmd.arg("--cert")
+            .arg(&pki().cert)
+            .arg("--key")
+            .arg(&pki().key);
+    }
+    let mut child = cmd.spawn().expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    Py {
+        child,
+        port: line.trim().parse().expect("the redirector's port"),
+        log,
+    }
+}
+
+fn fetch(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(support::agent::BIN);
+    cmd.args(["fetch", url, "--timeout", "20s", "--http-max-attempts", "1"])
+        .args(["--fetch-ca", pki().ca.to_str().unwrap()])
+        .args(extra)
+        .arg("--cache-dir")
+        .arg(dir.path());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn enc(u: &str) -> String {
+    u.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn an_https_url_never_continues_over_plain_http_unless_the_host_is_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = module("downgrade");
+    std::fs::write(dir.path().join("m.wasm"), &wasm).unwrap();
+    let plain = redirector("127.0.0.1", dir.path(), false);
+    let secure = redirector("127.0.0.1", dir.path(), true);
+    let target = format!("http://127.0.0.1:{}/file/m.wasm", plain.port);
+    let url = format!(
+        "https://127.0.0.1:{}/redirect?to={}",
+        secure.port,
+        enc(&target)
+    );
+    let out = fetch(&url, &[], &[]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("plain http refused"), "{}", text(&out));
+    assert!(
+        plain.requests().is_empty(),
+        "the plain-http host was dialled"
+    );
+    // Listed as insecure, the hop is allowed.
+    let listed = format!("127.0.0.1:{}", plain.port);
+    let out = fetch(&url, &["--insecure-registries", &listed], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&sha256_hex(&wasm)));
+}
+
+#[test]
+fn a_redirect_target_gets_no_referer_and_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = module("referer");
+    std::fs::write(dir.path().join("m.wasm"), &wasm).unwrap();
+    let origin = redirector("127.0.0.1", dir.path(), false);
+    let third = redirector("127.0.0.1", dir.path(), false);
+    let target = format!("http://127.0.0.1:{}/file/m.wasm", third.port);
+    let url = format!(
+        "http://127.0.0.1:{}/redirect?X-Amz-Signature=s3cr3t-token&to={}",
+        origin.port,
+        enc(&target)
+    );
+    let out = fetch(&url, &[], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let seen = third.requests();
+    assert_eq!(seen.len(), 1);
+    let headers = seen[0]["headers"].as_object().unwrap();
+    assert!(
+        !headers.keys().any(|k| k.eq_ignore_ascii_case("referer")),
+        "{headers:?}"
+    );
+    assert!(!seen[0].to_string().contains("s3cr3t-token"));
+    assert!(
+        !text(&out).contains("s3cr3t-token"),
+        "the token is not printed"
+    );
+}
+
+#[test]
+fn loops_and_more_than_ten_redirects_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("m.wasm"), module("chain")).unwrap();
+    let s = redirector("127.0.0.1", dir.path(), false);
+    let out = fetch(&format!("http://127.0.0.1:{}/loop", s.port), &[], &[]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("redirect loop"), "{}", text(&out));
+    let target = format!("http://127.0.0.1:{}/file/m.wasm", s.port);
+    let chain = |n: usize| format!("http://127.0.0.1:{}/chain/{n}?to={}", s.port, enc(&target));
+    // /chain/9 is ten redirects: allowed; /chain/10 is eleven.
+    let out = fetch(&chain(9), &[], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = fetch(&chain(10), &[], &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("more than 10 redirects"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn blocked_addresses_are_refused_at_every_hop() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("m.wasm"), module("ssrf")).unwrap();
+    let origin = redirector("127.0.0.1", dir.path(), false);
+    let blocked = redirector("127.0.0.2", dir.path(), false);
+    let env = [("BLOCKED_CIDRS_IN_WASM_FETCH", "127.0.0.2/32")];
+    let target = format!("http://127.0.0.2:{}/file/m.wasm", blocked.port);
+    // Directly,
+    let out = fetch(&target, &[], &env);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("blocked address"), "{}", text(&out));
+    // and through a redirect.
+    let url = format!(
+        "http://127.0.0.1:{}/redirect?to={}",
+        origin.port,
+        enc(&target)
+    );
+    let out = fetch(&url, &[], &env);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("blocked address"), "{}", text(&out));
+    assert!(
+        blocked.requests().is_empty(),
+        "the blocked host was dialled"
+    );
+    // A name that resolves only to blocked addresses.
+    let name = format!("http://localhost:{}/file/m.wasm", origin.port);
+    let out = fetch(
+        &name,
+        &[],
+        &[("BLOCKED_CIDRS_IN_WASM_FETCH", "127.0.0.0/8,::1/128")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("only to blocked addresses"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        origin.requests().len() == 1,
+        "only the redirect itself reached the origin"
+    );
+    // Without the variable the same fetch works.
+    assert!(fetch(&target, &[], &[]).status.success());
+    // A bad list is a usage error naming the flag.
+    let out = fetch(&target, &["--blocked-cidrs", "10.0.0.0/99"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--blocked-cidrs"), "{}", text(&out));
+}

@@ -74,12 +74,16 @@ fn redirector(bind: &str, dir: &Path, tls: bool) -> Py {
 
 fn fetch(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().unwrap();
+    fetch_into(url, dir.path(), extra, env)
+}
+
+fn fetch_into(url: &str, cache: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(support::agent::BIN);
     cmd.args(["fetch", url, "--timeout", "20s", "--http-max-attempts", "1"])
         .args(["--fetch-ca", pki().ca.to_str().unwrap()])
         .args(extra)
         .arg("--cache-dir")
-        .arg(dir.path());
+        .arg(cache);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -145,8 +149,14 @@ fn a_redirect_target_gets_no_referer_and_no_token() {
         origin.port,
         enc(&target)
     );
-    let out = fetch(&url, &[], &[]);
+    let cache = dir.path().join("cache");
+    let out = fetch_into(&url, &cache, &[], &[]);
     assert!(out.status.success(), "{}", text(&out));
+    let index = std::fs::read_to_string(cache.join("index.json")).unwrap();
+    assert!(
+        !index.contains("s3cr3t-token"),
+        "index.json holds the token: {index}"
+    );
     let seen = third.requests();
     assert_eq!(seen.len(), 1);
     let headers = seen[0]["headers"].as_object().unwrap();

@@ -250,7 +250,7 @@ impl Cache {
             match expected {
                 Some(exp) => find_by_checksum(&st.index, exp)?,
                 None => {
-                    let u = st.index.urls.get(url)?;
+                    let u = st.index.url(url)?;
                     if !reusable(u, effective_policy(parsed, opts), opts) {
                         return None;
                     }

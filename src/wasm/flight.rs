@@ -80,11 +80,7 @@ impl Cache {
             match expected {
                 Some(e) => find_by_checksum(&st.index, e)?,
                 None => {
-                    let u = st
-                        .index
-                        .urls
-                        .get(url)
-                        .filter(|u| u.fetched_at_ms >= since_ms)?;
+                    let u = st.index.url(url).filter(|u| u.fetched_at_ms >= since_ms)?;
                     (u.sha256.clone(), None)
                 }
             }
@@ -194,11 +190,7 @@ impl Cache {
         {
             let mut st = self.lock();
             self.record(&mut st, url, &module, None);
-            st.index
-                .urls
-                .entry(url.to_owned())
-                .or_default()
-                .fetched_at_ms = now_ms();
+            st.index.url_mut(url).fetched_at_ms = now_ms();
             st.dirty = true;
         }
         self.save().await;

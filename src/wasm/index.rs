@@ -2,12 +2,16 @@
 //! to, when a cached result may be reused under a pull policy, how a result is recorded and how
 //! two processes' indexes merge. No I/O, no locks: `store` reads and writes the index, the
 //! cache façade holds it under its mutex.
+//!
+//! URLs may carry credentials (user-info, pre-signed query strings) and `index.json` is read by
+//! every process sharing the directory, so the index never holds a URL as given: results are
+//! keyed by the URL's sha256 ([`url_key`]) and only the redacted form is kept, for people.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::error::FetchError;
+use super::error::{redact, FetchError};
 use super::options::{GetOptions, Matched, Module, PullPolicy};
 use super::url::ModuleUrl;
 
@@ -15,7 +19,7 @@ use super::url::ModuleUrl;
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ModuleEntry {
     pub size: u64,
-    /// URLs this module was fetched from.
+    /// URLs this module was fetched from, redacted.
     #[serde(default)]
     pub urls: BTreeSet<String>,
     /// OCI image manifest (and index) digests that resolve to this module.
@@ -29,6 +33,9 @@ pub struct ModuleEntry {
 /// What the cache remembers about one URL (for pull policies).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct UrlEntry {
+    /// The URL, redacted (the key is the sha256 of the full URL).
+    #[serde(default)]
+    pub url: String,
     pub sha256: String,
     #[serde(default)]
     pub oci_digest: Option<String>,
@@ -48,7 +55,37 @@ pub struct Index {
     pub urls: BTreeMap<String, UrlEntry>,
 }
 
+/// The index key of a URL: the sha256 (hex) of the URL as given.
+pub fn url_key(url: &str) -> String {
+    super::verify::sha256_hex(url.as_bytes())
+}
+
 impl Index {
+    /// What the index remembers about `url`.
+    pub fn url(&self, url: &str) -> Option<&UrlEntry> {
+        self.urls.get(&url_key(url))
+    }
+
+    /// The entry of `url`, created (with its redacted form) if new.
+    pub fn url_mut(&mut self, url: &str) -> &mut UrlEntry {
+        self.urls.entry(url_key(url)).or_insert_with(|| UrlEntry {
+            url: redact(url),
+            ..Default::default()
+        })
+    }
+
+    /// Drops what an index file must not hold or cannot name: URL results not keyed by a URL
+    /// hash (an older format, keyed by the raw URL) and unredacted URLs in module entries.
+    pub fn sanitize(&mut self) {
+        self.urls.retain(|k, _| super::store::valid_key(k));
+        for u in self.urls.values_mut() {
+            u.url = redact(&u.url);
+        }
+        for m in self.modules.values_mut() {
+            m.urls = m.urls.iter().map(|u| redact(u)).collect();
+        }
+    }
+
     /// Takes in what another process recorded: modules this index lacks, and URL results
     /// fetched more recently than ours (for modules this index has). The one merge rule for
     /// a cache directory shared between processes.
@@ -153,7 +190,7 @@ pub fn record_url(
     opts: Option<&GetOptions>,
     now: u64,
 ) -> bool {
-    let entry = index.urls.entry(url.to_owned()).or_default();
+    let entry = index.url_mut(url);
     let mut changed = entry.sha256 != module.sha256;
     entry.sha256 = module.sha256.clone();
     if module.oci_digest.is_some() {
@@ -170,7 +207,7 @@ pub fn record_url(
     }
     if let Some(e) = index.modules.get_mut(&module.sha256) {
         e.last_used = now;
-        if e.urls.insert(url.to_owned()) {
+        if e.urls.insert(redact(url)) {
             changed = true;
         }
     }
@@ -289,5 +326,34 @@ mod tests {
         assert!(!record_url(&mut index, "u", &m, None, 6));
         assert_eq!(index.modules[&sha('a')].last_used, 6);
         assert!(index.modules[&sha('a')].urls.contains("u"));
+    }
+
+    #[test]
+    fn the_index_never_holds_a_url_as_given() {
+        let mut index = index_with(&sha('a'), "d");
+        let m = Module {
+            path: "p".into(),
+            sha256: sha('a'),
+            oci_digest: None,
+            size: 1,
+            matched: None,
+            fetched: true,
+        };
+        let url = "https://user:pa55@h.example/m.wasm?X-Amz-Signature=t0ken";
+        record_url(&mut index, url, &m, None, 1);
+        let json = serde_json::to_string(&index).unwrap();
+        assert!(!json.contains("pa55") && !json.contains("t0ken"), "{json}");
+        assert_eq!(index.url(url).unwrap().sha256, sha('a'));
+        // An older index keyed by raw URLs is cleaned on load.
+        let mut old = index_with(&sha('a'), "d");
+        old.urls.insert(url.into(), UrlEntry::default());
+        old.modules
+            .get_mut(&sha('a'))
+            .unwrap()
+            .urls
+            .insert(url.into());
+        old.sanitize();
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("pa55") && !json.contains("t0ken"), "{json}");
     }
 }

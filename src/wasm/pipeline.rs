@@ -226,7 +226,7 @@ impl Cache {
                     ..Default::default()
                 });
             entry.last_used = now;
-            entry.urls.insert(url.to_owned());
+            entry.urls.insert(super::error::redact(url));
             entry.oci_digests.extend(digests.iter().cloned());
             st.dirty = true;
         }

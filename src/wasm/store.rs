@@ -4,8 +4,8 @@
 //!
 //! Layout under the cache directory:
 //! * `modules/<sha256>.wasm` — the module, named by the sha256 of its bytes (mode 0644);
-//! * `index.json` — which URLs and OCI digests map to which module, last use, resource
-//!   versions (mode 0600: URLs may carry tokens);
+//! * `index.json` — which URLs (keyed by their sha256, kept only redacted) and OCI digests map
+//!   to which module, last use, resource versions (mode 0600);
 //! * `tmp/` — in-flight writes, each `flock`ed by its writer until it is renamed into place. A
 //!   process that opens the cache removes only temp files whose lock is free *and* that are older
 //!   than [`ORPHAN_AGE`]: another process's download in progress is never touched;
@@ -167,6 +167,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index::default(),
             Err(e) => return Err(io_ctx("cannot read", &store.index_path(), e)),
         };
+        index.sanitize();
         index.modules.retain(|sha, _| valid_key(sha));
         // Verify every indexed module.
         let shas: Vec<String> = index.modules.keys().cloned().collect();
@@ -307,6 +308,7 @@ impl Store {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        index.sanitize();
         index.modules.retain(|sha, e| {
             valid_key(sha) && fs::metadata(self.module_path(sha)).is_ok_and(|m| m.len() == e.size)
         });

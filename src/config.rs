@@ -121,6 +121,12 @@ pub struct RunArgs {
     )]
     pub admin: SocketAddr,
 
+    /// Clients (comma-separated CIDRs) allowed on the admin port's /debug/* pages; health and
+    /// metrics answer everyone who can reach --admin.
+    #[arg(long, env = "ECDS_AGENT_ADMIN_DEBUG_CIDRS", default_value = "127.0.0.0/8,::1/128",
+          value_parser = parse_cidrs, value_name = "CIDRS")]
+    pub admin_debug_cidrs: String,
+
     /// Convert ECDS Wasm resources (false = pass ECDS through untouched, like Istio's
     /// ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION=false).
     #[arg(long, env = "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION", default_value_t = true,
@@ -234,6 +240,14 @@ impl RunArgs {
             max_request_bytes: self.max_request_bytes,
             max_response_bytes: self.max_response_bytes,
             max_streams: self.max_streams as usize,
+        }
+    }
+
+    /// The admin server's settings from these flags.
+    pub fn admin_config(&self) -> crate::admin::AdminConfig {
+        crate::admin::AdminConfig {
+            debug_cidrs: crate::wasm::guard::Blocklist::parse_extra(&self.admin_debug_cidrs)
+                .unwrap_or_default(),
         }
     }
 

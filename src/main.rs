@@ -183,7 +183,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         converter,
         shutdown_rx.clone(),
     ));
-    let state = AdminState::new(cache.clone(), ctx.rejections.clone());
+    let state = AdminState::new(cache.clone(), ctx.rejections.clone(), args.admin_config());
     let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
     let mut stop = shutdown_rx.clone();
     let mut server = tokio::spawn(xds::serve(bound, ctx.clone(), async move {

@@ -43,6 +43,10 @@ fn python() -> PathBuf {
 
 /// Starts the redirector on `bind`, serving `dir`; HTTPS with the test PKI when `tls`.
 fn redirector(bind: &str, dir: &Path, tls: bool) -> Py {
+    redirector_with(bind, dir, tls, &[])
+}
+
+fn redirector_with(bind: &str, dir: &Path, tls: bool, extra: &[&str]) -> Py {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = dir.join(format!("requests-{n}.jsonl"));
@@ -53,6 +57,7 @@ fn redirector(bind: &str, dir: &Path, tls: bool) -> Py {
         .arg(dir)
         .arg("--log")
         .arg(&log)
+        .args(extra)
         .stdout(Stdio::piped());
     if tls {
         cmd.arg("--cert")
@@ -241,4 +246,43 @@ fn blocked_addresses_are_refused_at_every_hop() {
     let out = fetch(&target, &["--blocked-cidrs", "10.0.0.0/99"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--blocked-cidrs"), "{}", text(&out));
+}
+
+#[test]
+fn an_unsafe_bearer_realm_gets_no_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    // A "registry" that sends clients to a token endpoint on a loopback literal (think
+    // 169.254.169.254): the agent must refuse before anything is sent there.
+    let token_host = redirector("127.0.0.1", dir.path(), false);
+    let realm = format!("http://127.0.0.1:{}/token", token_host.port);
+    let reg = redirector_with("127.0.0.1", dir.path(), false, &["--realm", &realm]);
+    let secret = dir.path().join("secret.json");
+    std::fs::write(
+        &secret,
+        support::registry::pull_secret(&format!("127.0.0.1:{}", reg.port), "user", "hunter2"),
+    )
+    .unwrap();
+    let url = format!("oci://127.0.0.1:{}/team/plugin:1.0", reg.port);
+    let listed = format!("127.0.0.1:{}", reg.port);
+    let out = fetch(
+        &url,
+        &[
+            "--insecure-registries",
+            &listed,
+            "--pull-secret",
+            secret.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("rejected unsafe bearer realm"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("hunter2"));
+    assert!(
+        token_host.requests().is_empty(),
+        "credentials went to the realm"
+    );
 }

@@ -99,7 +99,11 @@ impl Cache {
             "module cache opened"
         );
         let http = HttpFetcher::new(cfg.tls.clone(), cfg.http.clone())?;
-        let oci = OciFetcher::new(cfg.tls.clone(), cfg.max_module_bytes);
+        let oci = OciFetcher::new(
+            cfg.tls.clone(),
+            cfg.max_module_bytes,
+            cfg.http.blocked.clone(),
+        )?;
         let cache = Arc::new(Cache {
             cfg,
             store,

@@ -5,6 +5,10 @@
 //!   (169.254.0.0/16, fe80::/10), the cloud metadata endpoints 100.100.100.200/32 and
 //!   fd00:ec2::/32, and the CIDRs of Istio's `BLOCKED_CIDRS_IN_WASM_FETCH` (`--blocked-cidrs`).
 //!   Private and loopback ranges stay allowed by default, as in Istio.
+//! * **Bearer realms** an OCI registry names (`WWW-Authenticate: Bearer realm="…"`, where
+//!   credentials go) are refused, as Istio ≥ 1.28.5 / 1.29.1 does, when not http(s), without a
+//!   host, `localhost`, `metadata.google.internal`, or a private, loopback, link-local or
+//!   unique-local IP literal (or a blocked address): "rejected unsafe bearer realm".
 //! * **Redirects** are followed by hand, at most [`MAX_REDIRECTS`], each hop under its own
 //!   host's TLS policy (verify, or no-verify only for listed insecure hosts); an `https://` URL
 //!   never continues over plain `http://` unless the target host is listed insecure; a loop is
@@ -145,6 +149,68 @@ impl reqwest::dns::Resolve for GuardedResolver {
     }
 }
 
+/// The `realm` of every Bearer challenge in a `WWW-Authenticate` value.
+pub fn bearer_realms(header: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let lower = header.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(at) = lower[from..].find("bearer") {
+        let start = from + at + "bearer".len();
+        let next = lower[start..]
+            .find("bearer")
+            .map_or(header.len(), |n| start + n);
+        let params = &header[start..next];
+        if let Some(r) = params.to_ascii_lowercase().find("realm=") {
+            let v = params[r + "realm=".len()..].trim_start();
+            let v = match v.strip_prefix('"') {
+                Some(q) => q.split('"').next().unwrap_or(""),
+                None => v.split([',', ' ']).next().unwrap_or(""),
+            };
+            out.push(v.to_owned());
+        }
+        from = next;
+    }
+    out
+}
+
+/// Whether credentials may be sent to the token endpoint `realm` (see the module docs).
+pub fn check_realm(realm: &str, blocked: &Blocklist) -> Result<(), String> {
+    let refuse = |why: &str| Err(format!("rejected unsafe bearer realm {realm:?}: {why}"));
+    let Ok(u) = reqwest::Url::parse(realm) else {
+        return refuse("not a URL");
+    };
+    if !matches!(u.scheme(), "http" | "https") {
+        return refuse("not http(s)");
+    }
+    let ip = match u.host() {
+        None => return refuse("no host"),
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            if d == "localhost" || d.ends_with(".localhost") || d == "metadata.google.internal" {
+                return refuse("a local or metadata host");
+            }
+            return Ok(());
+        }
+        Some(url::Host::Ipv4(a)) => IpAddr::V4(a),
+        Some(url::Host::Ipv6(a)) => IpAddr::V6(a),
+    };
+    let unsafe_ip = match ip {
+        IpAddr::V4(a) => {
+            a.is_private() || a.is_loopback() || a.is_link_local() || a.is_unspecified()
+        }
+        IpAddr::V6(a) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || (a.segments()[0] & 0xfe00) == 0xfc00
+                || (a.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    if unsafe_ip || blocked.blocks(ip) {
+        return refuse("a private, loopback or link-local address");
+    }
+    Ok(())
+}
+
 /// `host[:port]` as the insecure list names it.
 pub fn host_port(u: &reqwest::Url) -> String {
     match (u.host_str(), u.port()) {
@@ -223,6 +289,43 @@ mod tests {
         assert!(Blocklist::parse_extra("10.0.0.0/33").is_err());
         assert!(Blocklist::parse_extra("nonsense").is_err());
         assert_eq!(Blocklist::parse_extra("").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn bearer_realms_as_istio_checks_them() {
+        let b = Blocklist::default();
+        for ok in [
+            "https://auth.docker.io/token",
+            "http://registry.example:5000/auth",
+        ] {
+            assert!(check_realm(ok, &b).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://169.254.169.254/latest/meta-data",
+            "http://metadata.google.internal/computeMetadata",
+            "http://localhost/token",
+            "http://127.0.0.1:5000/token",
+            "http://127.1.2.3/token",
+            "http://10.0.0.1/token",
+            "http://192.168.1.1/token",
+            "http://172.16.0.1/token",
+            "http://[::1]/token",
+            "http://[fe80::1]/token",
+            "http://[fd00:ec2::254]/token",
+            "http://[fc00::1]/token",
+            "file:///etc/passwd",
+            "gopher://x/",
+            "dict://x/",
+        ] {
+            let e = check_realm(bad, &b).unwrap_err();
+            assert!(e.contains("rejected unsafe bearer realm"), "{bad}: {e}");
+        }
+        let h = r#"Bearer realm="https://a.example/token",service="r", Bearer realm="http://169.254.169.254/x""#;
+        assert_eq!(
+            bearer_realms(h),
+            ["https://a.example/token", "http://169.254.169.254/x"]
+        );
+        assert!(bearer_realms(r#"Basic realm="registry""#).is_empty());
     }
 
     #[test]

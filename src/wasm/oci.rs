@@ -27,6 +27,7 @@ use oci_client::{Client, Reference};
 use serde::Deserialize;
 
 use super::error::FetchError;
+use super::guard::{self, Blocklist, GuardedResolver};
 use super::store::{Store, TempFile};
 use super::tls::FetchTls;
 use super::unbox::{self, Boxing};
@@ -100,6 +101,9 @@ pub struct Resolved {
 pub struct OciFetcher {
     tls: FetchTls,
     max_bytes: u64,
+    blocked: Blocklist,
+    /// For the bearer-realm probe: verified TLS, and without verification for listed hosts.
+    probe: [reqwest::Client; 2],
 }
 
 fn oci_reason(e: &OciDistributionError) -> String {
@@ -179,8 +183,68 @@ fn candidates(index: &RawManifest) -> Vec<RawDesc> {
 }
 
 impl OciFetcher {
-    pub fn new(tls: FetchTls, max_bytes: u64) -> Self {
-        Self { tls, max_bytes }
+    pub fn new(tls: FetchTls, max_bytes: u64, blocked: Blocklist) -> Result<Self, String> {
+        let build = |skip_verify: bool| {
+            let mut b = reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .timeout(std::time::Duration::from_secs(15))
+                .redirect(reqwest::redirect::Policy::none())
+                .dns_resolver(std::sync::Arc::new(GuardedResolver(blocked.clone())));
+            for c in tls.roots() {
+                b = b.add_root_certificate(c.clone());
+            }
+            if skip_verify {
+                b = b.danger_accept_invalid_certs(true);
+            }
+            b.build().map_err(|e| format!("OCI probe client: {e}"))
+        };
+        Ok(Self {
+            probe: [build(false)?, build(true)?],
+            tls,
+            max_bytes,
+            blocked,
+        })
+    }
+
+    /// Before any manifest request: the registry must not be a blocked address, and a Bearer
+    /// realm it names (where the client would send credentials) must be safe.
+    async fn check_registry(
+        &self,
+        shown: &str,
+        registry: &str,
+        plain: bool,
+        skip_verify: bool,
+    ) -> Result<(), FetchError> {
+        let refuse = |reason: String| FetchError::Auth {
+            url: shown.to_owned(),
+            reason,
+        };
+        let base = format!("{}://{registry}/v2/", if plain { "http" } else { "https" });
+        let Ok(base) = reqwest::Url::parse(&base) else {
+            return Ok(());
+        };
+        guard::check_literal(&base, &self.blocked).map_err(refuse)?;
+        let resp = match self.probe[usize::from(skip_verify)].get(base).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let why = describe_reqwest(&e);
+                // Only the guard's refusal matters here; other failures surface on the pull.
+                return if why.contains("SSRF guard") {
+                    Err(refuse(why))
+                } else {
+                    Ok(())
+                };
+            }
+        };
+        if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
+            return Ok(());
+        }
+        for header in resp.headers().get_all(reqwest::header::WWW_AUTHENTICATE) {
+            for realm in guard::bearer_realms(header.to_str().unwrap_or("")) {
+                guard::check_realm(&realm, &self.blocked).map_err(refuse)?;
+            }
+        }
+        Ok(())
     }
 
     fn client(&self, plain_http: bool, skip_verify: bool) -> Client {
@@ -241,6 +305,8 @@ impl OciFetcher {
         };
         let mut failures = Vec::new();
         for &(plain, skip_verify) in attempts {
+            self.check_registry(shown, &r.registry, plain, skip_verify)
+                .await?;
             let client = self.client(plain, skip_verify);
             match client.pull_manifest_raw(&reference, &auth, ACCEPT).await {
                 Ok((body, digest)) => {

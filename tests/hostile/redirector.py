@@ -5,6 +5,8 @@ Routes:
   /loop              302 to /loop
   /chain/N?to=URL    302 to /chain/N-1 ... and /chain/0 302s to URL
   /file/NAME         the bytes of DIR/NAME
+  /v2/...            with --realm: 401 with a Bearer challenge naming that realm (a registry
+                     sending clients to a token endpoint)
 Every request is appended to --log as one JSON line (path and headers).
 Prints the bound port on the first line of stdout.
 """
@@ -24,6 +26,7 @@ def main():
     ap.add_argument("--log", required=True)
     ap.add_argument("--cert")
     ap.add_argument("--key")
+    ap.add_argument("--realm")
     args = ap.parse_args()
 
     class Handler(BaseHTTPRequestHandler):
@@ -42,6 +45,12 @@ def main():
             u = urllib.parse.urlsplit(self.path)
             q = urllib.parse.parse_qs(u.query)
             to = q.get("to", [""])[0]
+            if args.realm and u.path.startswith("/v2/"):
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Bearer realm="%s",service="test"' % args.realm)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if u.path == "/redirect":
                 return self.redirect(to)
             if u.path == "/loop":

@@ -355,6 +355,61 @@ async fn a_delta_reconnect_ends_with_the_real_module_not_the_stand_in() {
     assert!(local_filename(got.resources[0].resource.as_ref().unwrap()).ends_with(".wasm"));
 }
 
+/// A SotW server in the style of go-control-plane: it answers a request only when the version
+/// Envoy reports differs from its own, and serves wildcard (empty-name) LDS.
+#[tokio::test]
+async fn a_sotw_reconnect_to_a_resend_on_version_change_server_ends_with_the_real_module() {
+    let srv = ModuleServer::start().await;
+    let w = module("sotw-reconnect");
+    srv.set(
+        "m.wasm",
+        Route {
+            body: w.clone(),
+            fail_first: usize::MAX,
+            fail_status: 404,
+            ..Default::default()
+        },
+    );
+    let mut cp = ControlPlane::start().await;
+    let agent = agent(&cp, &[]).await;
+    let resource = ecds_remote("a", &srv.url("m.wasm"), &Remote::default());
+    // The server's rule: respond only when the version Envoy reports is not the current one.
+    let answers = |req: &DiscoveryRequest| req.version_info != "v1";
+
+    let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &["a"]).await;
+    up.send(ecds_resp("v1", "n1", vec![resource.clone()]));
+    let got = envoy.recv().await;
+    assert_eq!(
+        open_tec(&got.resources[0]).1.type_url,
+        HTTP_RBAC,
+        "stand-in"
+    );
+    envoy.send(ack(&["a"], "v1", "n1")); // Envoy accepted v1: it holds the stand-in
+    drop(envoy);
+    drop(up);
+
+    // The module appears; Envoy reconnects saying it has ECDS v1, and LDS (wildcard) at l7.
+    srv.put("m.wasm", w);
+    let mut client = connect_tcp(&agent.listen).await;
+    let mut envoy = open_sotw(&mut client, &[]).await;
+    envoy.send(DiscoveryRequest {
+        type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(),
+        version_info: "l7".into(),
+        ..Default::default()
+    });
+    envoy.send(ack(&["a"], "v1", ""));
+    let mut up = cp.next_sotw().await;
+    let lds = up.recv().await;
+    assert_eq!(lds.version_info, "l7", "other types keep their version");
+    assert!(lds.resource_names.is_empty(), "wildcard stays wildcard");
+    let ecds = up.recv().await;
+    assert_eq!(ecds.version_info, "", "{ecds:?}");
+    assert!(answers(&ecds));
+    up.send(ecds_resp("v1", "n2", vec![resource]));
+    let got = envoy.recv().await;
+    assert!(local_filename(&got.resources[0]).ends_with(".wasm"));
+}
+
 #[tokio::test]
 async fn an_oversized_request_ends_only_its_stream_with_resource_exhausted() {
     let mut cp = ControlPlane::start().await;

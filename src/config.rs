@@ -228,6 +228,11 @@ pub struct CacheArgs {
           value_parser = parse_cidrs)]
     pub blocked_cidrs: String,
 
+    /// Signature policy (TOML): which OCI modules must carry a cosign signature by which public
+    /// key, which may be unsigned, which are refused. Unset: nothing is verified.
+    #[arg(long, env = "ECDS_AGENT_VERIFY_POLICY", value_parser = existing_file, value_name = "FILE")]
+    pub verify_policy: Option<PathBuf>,
+
     /// Extra PEM CA bundle trusted for HTTPS module servers and OCI registries (besides system roots).
     #[arg(long, env = "ECDS_AGENT_FETCH_CA", value_parser = existing_file, value_name = "FILE")]
     pub fetch_ca: Option<PathBuf>,
@@ -279,6 +284,13 @@ impl CacheArgs {
                 ),
             },
             tls: FetchTls::new(self.fetch_ca.as_deref(), self.insecure_list())?,
+            verify: match &self.verify_policy {
+                Some(p) => Some(std::sync::Arc::new(
+                    crate::wasm::signature::VerifyPolicy::load(p)
+                        .map_err(|e| format!("--verify-policy {e}"))?,
+                )),
+                None => None,
+            },
         })
     }
 

@@ -32,6 +32,8 @@ pub const NACKS_SENT: &str = "ecds_agent_nacks_sent";
 /// Envoy's own NACKs of what the agent delivered (`reason`: converted, stand_in, healed).
 pub const ENVOY_REJECTIONS: &str = "ecds_agent_envoy_rejections";
 pub const ECDS_SUPERSEDED: &str = "ecds_agent_ecds_superseded";
+/// Signature checks of OCI modules (`result`: verified, unsigned_allowed, failed).
+pub const SIGNATURE_CHECKS: &str = "ecds_agent_wasm_signature_checks";
 pub const HEAL_DELIVERIES: &str = "ecds_agent_wasm_heal_deliveries";
 pub const HEAL_ATTEMPTS: &str = "ecds_agent_wasm_heal_attempts";
 
@@ -139,6 +141,10 @@ pub fn describe() {
     describe_counter!(
         ENVOY_REJECTIONS,
         "Envoy NACKs of ECDS updates the agent delivered, by what was delivered"
+    );
+    describe_counter!(
+        SIGNATURE_CHECKS,
+        "signature checks of OCI modules under --verify-policy, by result"
     );
     describe_counter!(
         ECDS_SUPERSEDED,

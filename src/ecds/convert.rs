@@ -81,6 +81,8 @@ pub enum Outcome {
         standin: Option<Any>,
         error: String,
         result: ConversionResult,
+        /// The NACK's reason label (`fetch_failure`, `signature`, …).
+        reason: &'static str,
         heal: Option<Box<HealJob>>,
     },
     /// Malformed: nothing is delivered for it and the control plane is told.
@@ -230,18 +232,20 @@ impl Converter {
             }
         };
         let hints = take_hints(vm);
-        let fail = |error: String, result, heal| Outcome::FetchFailed {
+        let fail = |error: String, result: ConversionResult, reason, heal| Outcome::FetchFailed {
             standin: (self.mode == FailureMode::StandIn)
                 .then(|| standin::resource(&name, kind, fail_open)),
             name: name.clone(),
             error,
             result,
+            reason,
             heal,
         };
         let Some(http_uri) = remote.http_uri else {
             return fail(
                 "remote code has no http_uri".into(),
                 ConversionResult::MissRemoteFetchHint,
+                ConversionResult::MissRemoteFetchHint.label(),
                 None,
             );
         };
@@ -250,6 +254,7 @@ impl Converter {
             return fail(
                 format!("{}: missing image pulling secret (the Secret named by imagePullSecret is missing or not of type kubernetes.io/dockerconfigjson)", crate::wasm::error::redact(&url)),
                 ConversionResult::FetchFailure,
+                ConversionResult::FetchFailure.label(),
                 None,
             );
         }
@@ -277,7 +282,12 @@ impl Converter {
                         opts,
                     })
                 });
-                fail(e.to_string(), ConversionResult::FetchFailure, heal)
+                fail(
+                    e.to_string(),
+                    ConversionResult::FetchFailure,
+                    e.nack_reason(),
+                    heal,
+                )
             }
         }
     }

@@ -34,6 +34,9 @@ pub enum FetchError {
     #[error("OCI blob of {url}: {reason}")]
     Blob { url: String, reason: String },
 
+    #[error("signature check of {url} failed: {reason}")]
+    Signature { url: String, reason: String },
+
     #[error("module from {url} does not match sha256 {want}: got module sha256 {got}{}",
             .digest.as_ref().map(|d| format!(" and manifest digest {d}")).unwrap_or_default())]
     Checksum {
@@ -68,13 +71,23 @@ impl FetchError {
             FetchError::BadUrl { .. } | FetchError::Secret { .. } => None,
             FetchError::Manifest { .. } | FetchError::Auth { .. } => Some("manifest_failure"),
             FetchError::Checksum { .. } => Some("checksum_mismatched"),
-            FetchError::Invalid { .. } | FetchError::TooLarge { .. } | FetchError::Io { .. } => {
-                Some("fetch_failure")
-            }
+            FetchError::Invalid { .. }
+            | FetchError::TooLarge { .. }
+            | FetchError::Io { .. }
+            | FetchError::Signature { .. } => Some("fetch_failure"),
             FetchError::Download { .. }
             | FetchError::Timeout { .. }
             | FetchError::Layout { .. }
             | FetchError::Blob { .. } => Some("download_failure"),
+        }
+    }
+
+    /// The `reason` label of the NACK this failure causes: `signature` for a failed signature
+    /// check, `fetch_failure` otherwise (Istio's conversion result).
+    pub fn nack_reason(&self) -> &'static str {
+        match self {
+            FetchError::Signature { .. } => "signature",
+            _ => "fetch_failure",
         }
     }
 

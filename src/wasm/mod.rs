@@ -8,6 +8,7 @@
 //! * `guard`  — what a fetch may reach: blocked addresses (SSRF), redirect rules
 //! * `oci`    — OCI fetcher (manifest/index resolution, three image layouts)
 //! * `secret` — docker config JSON pull secrets
+//! * `signature` — cosign signature policy and checks
 //! * `tls`    — extra CA roots and the insecure registry list
 //! * `unbox`  — gzip / tar unwrapping with caps
 //! * `verify` — sha256 and Wasm validation
@@ -33,6 +34,7 @@ pub mod options;
 mod pipeline;
 mod retention;
 pub mod secret;
+pub mod signature;
 pub mod store;
 pub mod tls;
 pub mod unbox;

@@ -28,6 +28,7 @@ use serde::Deserialize;
 
 use super::error::FetchError;
 use super::guard::{self, Blocklist, GuardedResolver};
+use super::signature;
 use super::store::{Store, TempFile};
 use super::tls::FetchTls;
 use super::unbox::{self, Boxing};
@@ -90,6 +91,8 @@ enum Extract {
 pub struct Resolved {
     client: Client,
     reference: Reference,
+    /// The credentials the manifest was fetched with (signatures are fetched with them too).
+    auth: RegistryAuth,
     layer: OciDescriptor,
     extract: Extract,
     /// Digest (`sha256:…`) of the image manifest that holds the module.
@@ -310,9 +313,11 @@ impl OciFetcher {
             let client = self.client(plain, skip_verify);
             match client.pull_manifest_raw(&reference, &auth, ACCEPT).await {
                 Ok((body, digest)) => {
-                    return self
+                    let mut resolved = self
                         .pick(client, reference, body.as_ref(), digest, shown, &auth)
-                        .await
+                        .await?;
+                    resolved.auth = auth;
+                    return Ok(resolved);
                 }
                 Err(e) if is_auth(&e) => {
                     return Err(FetchError::Auth {
@@ -409,6 +414,7 @@ impl OciFetcher {
         Ok(Resolved {
             client,
             reference,
+            auth: RegistryAuth::Anonymous,
             layer: OciDescriptor {
                 media_type: layer.media_type,
                 digest: layer.digest,
@@ -419,6 +425,76 @@ impl OciFetcher {
             digest,
             index_digest,
         })
+    }
+
+    /// The cosign signatures stored for `digest` in the legacy layout: the manifest tagged
+    /// `sha256-<hex>.sig` in the same repository, its simple-signing layers and their
+    /// `dev.cosignproject.cosign/signature` annotations. `(payload, base64 signature)` pairs;
+    /// `Err` says why there are none.
+    pub async fn signatures(
+        &self,
+        r: &Resolved,
+        digest: &str,
+    ) -> Result<Vec<(Vec<u8>, String)>, String> {
+        const MAX_PAYLOAD: u64 = 256 << 10;
+        let tag = format!("{}.sig", digest.replace(':', "-"));
+        let sig_ref = Reference::with_tag(
+            r.reference.registry().to_owned(),
+            r.reference.repository().to_owned(),
+            tag.clone(),
+        );
+        let (body, _) = r
+            .client
+            .pull_manifest_raw(
+                &sig_ref,
+                &r.auth,
+                &[OCI_IMAGE_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE],
+            )
+            .await
+            .map_err(|e| {
+                let why = oci_reason(&e);
+                let lower = why.to_ascii_lowercase();
+                if ["not found", "manifest unknown", "manifest_unknown", "404"]
+                    .iter()
+                    .any(|m| lower.contains(m))
+                {
+                    format!("no signature for {digest} (no {tag} in the repository)")
+                } else {
+                    format!("cannot read {tag}: {why}")
+                }
+            })?;
+        let m: RawManifest = serde_json::from_slice(body.as_ref())
+            .map_err(|e| format!("{tag} is not a manifest: {e}"))?;
+        let mut out = Vec::new();
+        for layer in m
+            .layers
+            .iter()
+            .filter(|l| l.media_type == signature::SIMPLESIGNING)
+        {
+            let Some(sig) = layer.annotations.get(signature::SIGNATURE_ANNOTATION) else {
+                continue;
+            };
+            if layer.size < 0 || layer.size as u64 > MAX_PAYLOAD {
+                continue;
+            }
+            let mut sink = VecSink {
+                buf: Vec::new(),
+                limit: MAX_PAYLOAD,
+            };
+            let desc = OciDescriptor {
+                media_type: layer.media_type.clone(),
+                digest: layer.digest.clone(),
+                size: layer.size,
+                ..Default::default()
+            };
+            if r.client.pull_blob(&sig_ref, &desc, &mut sink).await.is_ok() {
+                out.push((sink.buf, sig.clone()));
+            }
+        }
+        if out.is_empty() {
+            return Err(format!("{tag} holds no cosign simple-signing signature"));
+        }
+        Ok(out)
     }
 
     /// Downloads the layer (digest-verified by the client) into a temp file and extracts the
@@ -472,6 +548,32 @@ impl OciFetcher {
             .await
             .map_err(|e| layout(format!("extraction task failed: {e}")))?
             .map_err(layout)
+    }
+}
+
+/// An `AsyncWrite` into memory that fails past `limit` bytes (small blobs: signature payloads).
+struct VecSink {
+    buf: Vec<u8>,
+    limit: u64,
+}
+
+impl tokio::io::AsyncWrite for VecSink {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if (self.buf.len() + data.len()) as u64 > self.limit {
+            return Poll::Ready(Err(std::io::Error::other("blob over its size limit")));
+        }
+        self.buf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 

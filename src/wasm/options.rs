@@ -96,4 +96,6 @@ pub struct CacheConfig {
     pub max_cache_bytes: u64,
     pub http: HttpOptions,
     pub tls: FetchTls,
+    /// Signature policy for OCI modules (`None`: nothing is verified).
+    pub verify: Option<std::sync::Arc<super::signature::VerifyPolicy>>,
 }

@@ -12,6 +12,7 @@ use super::error::FetchError;
 use super::index::{digest_match, find_by_checksum};
 use super::oci::Resolved;
 use super::options::{Matched, Module};
+use super::signature::{verify_payload, Action, VerifyPolicy};
 use super::store::{now_secs, sha256_file, ModuleEntry, TempFile};
 use super::unbox::{self, Boxing};
 use super::url::OciRef;
@@ -38,6 +39,24 @@ impl Cache {
         expected: Option<&str>,
         deadline: Instant,
     ) -> Result<Fetched, FetchError> {
+        if let Some(policy) = &self.cfg.verify {
+            // Signatures exist for OCI images only: an HTTP(S) module passes only where the
+            // policy allows unsigned modules.
+            let name = format!("{}{}", super::guard::host_port(u), u.path());
+            let allowed = matches!(
+                policy.rule_for(&name).map(|r| &r.action),
+                Some(Action::AllowUnsigned)
+            );
+            if !allowed {
+                counter!(m::SIGNATURE_CHECKS, "result" => "failed").increment(1);
+                return Err(FetchError::Signature {
+                    url: shown.to_owned(),
+                    reason: format!(
+                        "--verify-policy does not allow {name} unsigned, and only oci:// modules carry signatures"
+                    ),
+                });
+            }
+        }
         let max = self.cfg.max_module_bytes;
         let raw = self.temp(shown, "download").await?;
         let (raw_sha, _) = self.http.fetch(u, deadline, &raw.file).await?;
@@ -108,6 +127,11 @@ impl Cache {
         let resolved = tokio::time::timeout_at(deadline, self.oci.resolve(shown, r, auth))
             .await
             .map_err(|_| timeout("fetching the manifest"))??;
+        if let Some(policy) = &self.cfg.verify {
+            tokio::time::timeout_at(deadline, self.check_signature(policy, r, &resolved, shown))
+                .await
+                .map_err(|_| timeout("checking the signature"))??;
+        }
 
         // Lookup #2: this manifest's module may already be here (no layer pull).
         if let Some(module) = self.cached_by_manifest(&resolved, expected).await {
@@ -146,6 +170,62 @@ impl Cache {
             digests,
             matched,
         })
+    }
+
+    /// Applies the signature policy to the image about to be used: the index digest (when the
+    /// tag named an index) or the manifest digest must carry a signature the rule's keys verify.
+    async fn check_signature(
+        &self,
+        policy: &VerifyPolicy,
+        r: &OciRef,
+        resolved: &Resolved,
+        shown: &str,
+    ) -> Result<(), FetchError> {
+        let fail = |reason: String| {
+            counter!(m::SIGNATURE_CHECKS, "result" => "failed").increment(1);
+            FetchError::Signature {
+                url: shown.to_owned(),
+                reason,
+            }
+        };
+        let name = format!("{}/{}", r.registry, r.repository);
+        let Some(rule) = policy.rule_for(&name) else {
+            return Err(fail(format!("no rule of --verify-policy matches {name}")));
+        };
+        let keys = match &rule.action {
+            Action::Deny => {
+                return Err(fail(format!("{name} is denied by rule {:?}", rule.pattern)))
+            }
+            Action::AllowUnsigned => {
+                counter!(m::SIGNATURE_CHECKS, "result" => "unsigned_allowed").increment(1);
+                return Ok(());
+            }
+            Action::Verify(keys) => keys,
+        };
+        let mut why = Vec::new();
+        let digests = resolved
+            .index_digest
+            .iter()
+            .chain(std::iter::once(&resolved.digest));
+        for digest in digests {
+            match self.oci.signatures(resolved, digest).await {
+                Ok(sigs) => {
+                    for (payload, sig) in sigs {
+                        match verify_payload(&payload, &sig, keys, digest) {
+                            Ok(key) => {
+                                tracing::info!(url = %shown, %digest, key, "signature verified");
+                                counter!(m::SIGNATURE_CHECKS, "result" => "verified").increment(1);
+                                return Ok(());
+                            }
+                            Err(e) => why.push(e),
+                        }
+                    }
+                }
+                Err(e) => why.push(e),
+            }
+        }
+        why.dedup();
+        Err(fail(why.join("; ")))
     }
 
     /// The cached module whose OCI digest is `resolved`'s, if it satisfies `expected`.

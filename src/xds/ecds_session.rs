@@ -58,7 +58,8 @@ struct Healed {
 struct Failure {
     name: String,
     error: String,
-    result: ConversionResult,
+    /// The NACK reason label.
+    reason: &'static str,
 }
 
 pub(crate) struct EcdsSession<F: Flavor> {
@@ -246,8 +247,9 @@ impl<F: Flavor> EcdsSession<F> {
                     name,
                     standin,
                     error,
-                    result,
+                    reason,
                     heal,
+                    ..
                 } => {
                     self.supersede(&name);
                     self.conv.cache().pin(self.id, &name, None);
@@ -266,7 +268,7 @@ impl<F: Flavor> EcdsSession<F> {
                     failures.push(Failure {
                         name,
                         error,
-                        result,
+                        reason,
                     });
                 }
                 Outcome::Rejected { name, error } => {
@@ -276,7 +278,7 @@ impl<F: Flavor> EcdsSession<F> {
                     failures.push(Failure {
                         name,
                         error,
-                        result: ConversionResult::UnmarshalFailure,
+                        reason: ConversionResult::UnmarshalFailure.label(),
                     });
                 }
             }
@@ -439,11 +441,8 @@ fn nack_message(failures: &[Failure], total: usize) -> String {
 }
 
 fn nack_reason(failures: &[Failure]) -> &'static str {
-    let first = failures
-        .first()
-        .map(|f| f.result.label())
-        .unwrap_or("unknown");
-    if failures.iter().all(|f| f.result.label() == first) {
+    let first = failures.first().map(|f| f.reason).unwrap_or("unknown");
+    if failures.iter().all(|f| f.reason == first) {
         first
     } else {
         "mixed"
@@ -472,7 +471,7 @@ mod tests {
             .map(|i| Failure {
                 name: format!("r{i}"),
                 error: "x".repeat(10_000),
-                result: ConversionResult::FetchFailure,
+                reason: "fetch_failure",
             })
             .collect();
         let m = nack_message(&failures, 50);

@@ -1,0 +1,273 @@
+//! Signature policy for OCI modules (cosign, public keys): which images must be signed by which
+//! key, and the check itself. Pure policy and crypto, no I/O beyond reading the policy's files
+//! at load time; the OCI fetcher fetches the signatures and calls [`verify_payload`].
+//!
+//! Policy file (`--verify-policy`, TOML): ordered rules, the first whose `match` glob fits
+//! `host[:port]/repository` wins.
+//!
+//! ```toml
+//! [[rule]]
+//! match = "registry.example.com:5000/team/*"   # `*` matches any run of characters, `/` included
+//! public_key = "/etc/ecds-agent/cosign.pub"    # PEM, ECDSA P-256 (cosign generate-key-pair)
+//! [[rule]]
+//! match = "*"
+//! action = "allow-unsigned"                    # or "deny"
+//! ```
+//!
+//! A rule with `public_key` (one path or a list) requires at least one signature that verifies
+//! with one of its keys, over a cosign simple-signing payload whose
+//! `critical.image.docker-manifest-digest` is the digest the agent resolved and is about to use.
+//! A module no rule matches is refused. Without a policy file nothing is verified.
+
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::signature::{ParsedPublicKey, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
+use base64::Engine;
+use serde::Deserialize;
+
+/// Layer media type of a cosign simple-signing payload.
+pub const SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+/// Annotation holding the base64 DER signature.
+pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+
+/// What a rule requires.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// A valid signature by one of these keys (SubjectPublicKeyInfo DER), named for messages.
+    Verify(Vec<(String, Vec<u8>)>),
+    AllowUnsigned,
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub pattern: String,
+    pub action: Action,
+}
+
+/// The ordered rules of a policy file.
+#[derive(Debug, Clone)]
+pub struct VerifyPolicy {
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRule {
+    #[serde(rename = "match")]
+    pattern: String,
+    #[serde(default)]
+    public_key: Option<OneOrMany>,
+    #[serde(default)]
+    action: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    rule: Vec<FileRule>,
+}
+
+/// The DER of a PEM `PUBLIC KEY`, checked to be an ECDSA P-256 key.
+fn read_key(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN PUBLIC KEY-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    if body.is_empty() {
+        return Err(format!("{}: no PEM PUBLIC KEY block", path.display()));
+    }
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+    // A key that is not P-256 is refused now, not at the first pull.
+    ParsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &der).map_err(|_| {
+        format!(
+            "{}: not an ECDSA P-256 public key (what cosign generate-key-pair writes)",
+            path.display()
+        )
+    })?;
+    Ok(der)
+}
+
+impl VerifyPolicy {
+    /// Reads and checks a policy file (errors name the file and the rule).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: File = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if file.rule.is_empty() {
+            return Err(format!("{}: no [[rule]]", path.display()));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut rules = Vec::new();
+        for (i, r) in file.rule.into_iter().enumerate() {
+            let at = format!("{} rule {} ({:?})", path.display(), i + 1, r.pattern);
+            let action = match (r.action.as_deref(), r.public_key) {
+                (None | Some("verify"), Some(keys)) => {
+                    let paths = match keys {
+                        OneOrMany::One(p) => vec![p],
+                        OneOrMany::Many(v) => v,
+                    };
+                    let mut loaded = Vec::new();
+                    for p in paths {
+                        let p = if p.is_relative() { base.join(p) } else { p };
+                        loaded.push((
+                            p.display().to_string(),
+                            read_key(&p).map_err(|e| format!("{at}: {e}"))?,
+                        ));
+                    }
+                    Action::Verify(loaded)
+                }
+                (Some("allow-unsigned"), None) => Action::AllowUnsigned,
+                (Some("deny"), None) => Action::Deny,
+                (Some(a), None) => {
+                    return Err(format!(
+                        "{at}: action {a:?} is not verify, allow-unsigned or deny"
+                    ))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(format!("{at}: public_key goes with action \"verify\" only"))
+                }
+                (None, None) => return Err(format!("{at}: needs public_key or action")),
+            };
+            rules.push(Rule {
+                pattern: r.pattern,
+                action,
+            });
+        }
+        Ok(Self { rules })
+    }
+
+    /// The first rule that matches `host[:port]/repository`.
+    pub fn rule_for(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| glob(&r.pattern, name))
+    }
+}
+
+/// `*` matches any run of characters (`/` included); everything else matches itself.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    critical: Critical,
+}
+
+#[derive(Deserialize)]
+struct Critical {
+    image: Image,
+}
+
+#[derive(Deserialize)]
+struct Image {
+    #[serde(rename = "docker-manifest-digest")]
+    digest: String,
+}
+
+/// Checks one signature: `signature_b64` (base64 DER ECDSA) over `payload` by one of `keys`,
+/// and the payload names `digest`. Returns the key that verified, or why not.
+pub fn verify_payload(
+    payload: &[u8],
+    signature_b64: &str,
+    keys: &[(String, Vec<u8>)],
+    digest: &str,
+) -> Result<String, String> {
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(signature_b64.trim())
+        .map_err(|e| format!("signature is not base64: {e}"))?;
+    let key = keys
+        .iter()
+        .find(|(_, der)| {
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, der)
+                .verify(payload, &sig)
+                .is_ok()
+        })
+        .map(|(name, _)| name.clone())
+        .ok_or_else(|| {
+            let names: Vec<&str> = keys.iter().map(|(n, _)| n.as_str()).collect();
+            format!("no signature verifies with {}", names.join(", "))
+        })?;
+    let p: Payload = serde_json::from_slice(payload)
+        .map_err(|e| format!("signed payload is not a cosign simple-signing payload: {e}"))?;
+    if p.critical.image.digest != digest {
+        return Err(format!(
+            "the signature is for {}, not for {digest} (a re-tagged image?)",
+            p.critical.image.digest
+        ));
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("*", "r.example:5000/team/x"));
+        assert!(glob("r.example:5000/team/*", "r.example:5000/team/a/b"));
+        assert!(!glob("r.example:5000/team/*", "r.example:5000/other/a"));
+        assert!(glob("*/team/*", "h/team/x"));
+        assert!(glob("h/x", "h/x") && !glob("h/x", "h/xy"));
+        assert!(glob("h/*-wasm", "h/auth-wasm") && !glob("h/*-wasm", "h/auth"));
+    }
+
+    #[test]
+    fn policy_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        let bad = |text: &str, want: &str| {
+            std::fs::write(&p, text).unwrap();
+            let e = VerifyPolicy::load(&p).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        };
+        bad("", "no [[rule]]");
+        bad("[[rule]]\nmatch = \"*\"\n", "needs public_key or action");
+        bad(
+            "[[rule]]\nmatch = \"*\"\naction = \"maybe\"\n",
+            "is not verify",
+        );
+        bad(
+            "[[rule]]\nmatch = \"*\"\npublic_key = \"missing.pub\"\n",
+            "missing.pub",
+        );
+        bad("[[rule]]\nmatch = \"*\"\nkey = \"x\"\n", "unknown field");
+        std::fs::write(&p, "[[rule]]\nmatch = \"a/*\"\naction = \"deny\"\n[[rule]]\nmatch = \"*\"\naction = \"allow-unsigned\"\n").unwrap();
+        let policy = VerifyPolicy::load(&p).unwrap();
+        assert!(matches!(
+            policy.rule_for("a/b").unwrap().action,
+            Action::Deny
+        ));
+        assert!(matches!(
+            policy.rule_for("c/d").unwrap().action,
+            Action::AllowUnsigned
+        ));
+    }
+}

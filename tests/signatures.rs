@@ -1,0 +1,335 @@
+//! Cosign signature policy against the real docker-registry, with signatures made by an
+//! independent tool (openssl, ECDSA P-256 over the simple-signing payload) and pushed in
+//! cosign's legacy layout (`sha256-<hex>.sig`, simple-signing layer, signature annotation).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use base64::Engine;
+use support::registry::sha256_hex;
+use support::res::{ecds_remote, module, open_tec, Remote};
+use support::xds::{ecds_resp, sotw_ecds};
+use support::{Agent, ControlPlane, Layout, Registry};
+
+const SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An ECDSA P-256 key pair: (private PEM, public PEM).
+fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (k, p) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pub")),
+    );
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        k.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "ec",
+        "-in",
+        k.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        p.to_str().unwrap(),
+    ]);
+    (k, p)
+}
+
+/// A cosign simple-signing payload naming `digest`.
+fn payload(reference: &str, digest: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "critical": {
+            "identity": {"docker-reference": reference},
+            "image": {"docker-manifest-digest": digest},
+            "type": "cosign container image signature"
+        },
+        "optional": null
+    }))
+    .unwrap()
+}
+
+/// base64 of openssl's DER ECDSA signature of `data` with `key`.
+fn sign(dir: &Path, key: &Path, data: &[u8]) -> String {
+    let (input, out) = (dir.join("payload.json"), dir.join("sig.der"));
+    std::fs::write(&input, data).unwrap();
+    openssl(&[
+        "dgst",
+        "-sha256",
+        "-sign",
+        key.to_str().unwrap(),
+        "-out",
+        out.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ]);
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(&out).unwrap())
+}
+
+/// Pushes `payload` with `signature` as the cosign signature of `for_digest` in `repo`.
+async fn push_signature(
+    reg: &Registry,
+    repo: &str,
+    for_digest: &str,
+    payload: &[u8],
+    signature: &str,
+) {
+    let config = b"{}".to_vec();
+    let cd = reg.push_blob(repo, &config).await;
+    let ld = reg.push_blob(repo, payload).await;
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    let m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": mt,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{
+            "mediaType": SIMPLESIGNING, "digest": ld, "size": payload.len(),
+            "annotations": {"dev.cosignproject.cosign/signature": signature}
+        }],
+    });
+    let tag = format!("{}.sig", for_digest.replace(':', "-"));
+    reg.push_manifest(repo, &tag, mt, &m).await;
+}
+
+fn policy(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("policy.toml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn fetch(reg: &Registry, repo_ref: &str, policy: &Path, cache: &Path) -> Output {
+    Command::new(support::agent::BIN)
+        .args([
+            "fetch",
+            &reg.url(repo_ref),
+            "--insecure-registries",
+            &reg.addr,
+            "--verify-policy",
+        ])
+        .arg(policy)
+        .arg("--cache-dir")
+        .arg(cache)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test]
+async fn signature_policy_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good_key, good_pub) = key_pair(dir.path(), "good");
+    let (other_key, _) = key_pair(dir.path(), "other");
+    let reg = Registry::plain().await;
+    let team = format!("{}/team/*", reg.addr);
+    let rules = policy(
+        dir.path(),
+        &format!(
+            "[[rule]]\nmatch = \"{}/denied/*\"\naction = \"deny\"\n\
+             [[rule]]\nmatch = \"{team}\"\npublic_key = \"{}\"\n\
+             [[rule]]\nmatch = \"*\"\naction = \"allow-unsigned\"\n",
+            reg.addr,
+            good_pub.display()
+        ),
+    );
+    let case = |name: &str| module(&format!("sig-{name}"));
+    let cache = |n: &str| dir.path().join(format!("cache-{n}"));
+
+    // 1. Signed with the rule's key over the digest in use: verified.
+    let w = case("ok");
+    let d = reg.push("team/ok", "1.0", &w, Layout::Docker).await;
+    let p = payload(&format!("{}/team/ok", reg.addr), &d);
+    push_signature(&reg, "team/ok", &d, &p, &sign(dir.path(), &good_key, &p)).await;
+    let out = fetch(&reg, "team/ok:1.0", &rules, &cache("ok"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&sha256_hex(&w)));
+
+    // 2. Unsigned under a key rule.
+    let w = case("unsigned");
+    reg.push("team/unsigned", "1.0", &w, Layout::Docker).await;
+    let out = fetch(&reg, "team/unsigned:1.0", &rules, &cache("unsigned"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("signature check") && text(&out).contains("no signature for"),
+        "{}",
+        text(&out)
+    );
+    assert!(!cache("unsigned")
+        .join("modules")
+        .join(format!("{}.wasm", sha256_hex(&w)))
+        .exists());
+
+    // 3. Signed with another key.
+    let w = case("other");
+    let d = reg.push("team/other", "1.0", &w, Layout::Docker).await;
+    let p = payload("x", &d);
+    push_signature(
+        &reg,
+        "team/other",
+        &d,
+        &p,
+        &sign(dir.path(), &other_key, &p),
+    )
+    .await;
+    let out = fetch(&reg, "team/other:1.0", &rules, &cache("other"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no signature verifies with"),
+        "{}",
+        text(&out)
+    );
+
+    // 4. A valid signature over a different digest (a re-tagged image).
+    let (w1, w2) = (case("retag-1"), case("retag-2"));
+    let d1 = reg.push("team/retag", "old", &w1, Layout::Docker).await;
+    let d2 = reg.push("team/retag", "1.0", &w2, Layout::Docker).await;
+    let p = payload("x", &d1);
+    push_signature(
+        &reg,
+        "team/retag",
+        &d2,
+        &p,
+        &sign(dir.path(), &good_key, &p),
+    )
+    .await;
+    let out = fetch(&reg, "team/retag:1.0", &rules, &cache("retag"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(&format!("the signature is for {d1}, not for {d2}")),
+        "{}",
+        text(&out)
+    );
+
+    // 5. A tampered payload (signed one, stored another).
+    let w = case("tamper");
+    let d = reg.push("team/tamper", "1.0", &w, Layout::Docker).await;
+    let p = payload("x", &d);
+    let sig = sign(dir.path(), &good_key, &p);
+    let mut tampered = p.clone();
+    tampered.extend_from_slice(b" ");
+    push_signature(&reg, "team/tamper", &d, &tampered, &sig).await;
+    let out = fetch(&reg, "team/tamper:1.0", &rules, &cache("tamper"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no signature verifies"),
+        "{}",
+        text(&out)
+    );
+
+    // 6. allow-unsigned elsewhere, and 7. deny.
+    let w = case("free");
+    reg.push("free/plugin", "1.0", &w, Layout::Artifact).await;
+    let out = fetch(&reg, "free/plugin:1.0", &rules, &cache("free"));
+    assert!(out.status.success(), "{}", text(&out));
+    reg.push("denied/plugin", "1.0", &case("denied"), Layout::Artifact)
+        .await;
+    let out = fetch(&reg, "denied/plugin:1.0", &rules, &cache("denied"));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("is denied by rule"), "{}", text(&out));
+}
+
+#[tokio::test]
+async fn the_agent_delivers_a_stand_in_and_nacks_with_a_signature_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, good_pub) = key_pair(dir.path(), "k");
+    let reg = Registry::plain().await;
+    let w = module("sig-agent");
+    reg.push("team/p", "1.0", &w, Layout::Docker).await;
+    let rules = policy(
+        dir.path(),
+        &format!(
+            "[[rule]]\nmatch = \"*\"\npublic_key = \"{}\"\n",
+            good_pub.display()
+        ),
+    );
+    let mut cp = ControlPlane::start().await;
+    let agent = Agent::builder(&cp.url())
+        .args([
+            "--insecure-registries",
+            &reg.addr,
+            "--verify-policy",
+            rules.to_str().unwrap(),
+        ])
+        .start()
+        .await;
+    let (mut envoy, mut up) = sotw_ecds(&agent, &mut cp, &["p"]).await;
+    up.send(ecds_resp(
+        "v1",
+        "n1",
+        vec![ecds_remote("p", &reg.url("team/p:1.0"), &Remote::default())],
+    ));
+    let nack = up.recv().await;
+    let msg = nack.error_detail.expect("NACK").message;
+    assert!(msg.contains("\"p\"") && msg.contains("signature"), "{msg}");
+    let got = envoy.recv().await;
+    assert!(
+        open_tec(&got.resources[0])
+            .1
+            .type_url
+            .ends_with("rbac.v3.RBAC"),
+        "stand-in"
+    );
+    assert_eq!(
+        agent
+            .metric("ecds_agent_nacks_sent", "reason=\"signature\"")
+            .await,
+        1.0
+    );
+    assert!(
+        agent
+            .metric("ecds_agent_wasm_signature_checks", "result=\"failed\"")
+            .await
+            >= 1.0
+    );
+    let (_, debug) = agent.get("/debug/wasm").await;
+    assert!(debug.contains("signature check"), "{debug}");
+    assert!(!agent
+        .cache_dir
+        .join("modules")
+        .join(format!("{}.wasm", sha256_hex(&w)))
+        .exists());
+}
+
+#[test]
+fn a_bad_policy_file_exits_2_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = policy(
+        dir.path(),
+        "[[rule]]\nmatch = \"*\"\naction = \"sometimes\"\n",
+    );
+    let out = Command::new(support::agent::BIN)
+        .args(["fetch", "oci://127.0.0.1:1/x:1", "--verify-policy"])
+        .arg(&p)
+        .arg("--cache-dir")
+        .arg(dir.path().join("c"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("--verify-policy") && text(&out).contains("sometimes"),
+        "{}",
+        text(&out)
+    );
+}

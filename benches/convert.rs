@@ -232,6 +232,7 @@ async fn cache(dir: &std::path::Path) -> Arc<Cache> {
             blocked: Default::default(),
         },
         tls: FetchTls::default(),
+        docker_config: None,
         verify: None,
     })
     .await

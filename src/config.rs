@@ -228,6 +228,11 @@ pub struct CacheArgs {
           value_parser = parse_cidrs)]
     pub blocked_cidrs: String,
 
+    /// Docker config JSON for registries when a resource names no pull secret (auths,
+    /// credHelpers, credsStore); default: $DOCKER_CONFIG/config.json if DOCKER_CONFIG is set.
+    #[arg(long, env = "ECDS_AGENT_DOCKER_CONFIG", value_parser = existing_file, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+
     /// Signature policy (TOML): which OCI modules must carry a cosign signature by which public
     /// key, which may be unsigned, which are refused. Unset: nothing is verified.
     #[arg(long, env = "ECDS_AGENT_VERIFY_POLICY", value_parser = existing_file, value_name = "FILE")]
@@ -284,6 +289,12 @@ impl CacheArgs {
                 ),
             },
             tls: FetchTls::new(self.fetch_ca.as_deref(), self.insecure_list())?,
+            docker_config: self.docker_config.clone().or_else(|| {
+                // Docker's convention: $DOCKER_CONFIG/config.json.
+                std::env::var_os("DOCKER_CONFIG")
+                    .map(|d| PathBuf::from(d).join("config.json"))
+                    .filter(|p| p.is_file())
+            }),
             verify: match &self.verify_policy {
                 Some(p) => Some(std::sync::Arc::new(
                     crate::wasm::signature::VerifyPolicy::load(p)

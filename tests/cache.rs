@@ -48,6 +48,7 @@ async fn cache_in(dir: &std::path::Path, o: Opts) -> Arc<Cache> {
             blocked: Default::default(),
         },
         tls: FetchTls::new(ca.as_deref(), o.insecure).unwrap(),
+        docker_config: None,
         verify: None,
     })
     .await

@@ -66,6 +66,7 @@ pub struct Cache {
     pub(super) store: Store,
     pub(super) http: HttpFetcher,
     pub(super) oci: OciFetcher,
+    pub(super) helpers: super::credhelper::CredHelpers,
     /// This process's pins as other processes see them.
     pub(super) lease: Arc<Lease>,
     state: Mutex<State>,
@@ -109,6 +110,7 @@ impl Cache {
             store,
             http,
             oci,
+            helpers: Default::default(),
             lease: Arc::new(lease),
             state: Mutex::new(State {
                 index,

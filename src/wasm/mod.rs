@@ -8,6 +8,7 @@
 //! * `guard`  — what a fetch may reach: blocked addresses (SSRF), redirect rules
 //! * `oci`    — OCI fetcher (manifest/index resolution, three image layouts)
 //! * `secret` — docker config JSON pull secrets
+//! * `credhelper` — docker credential helpers (`credHelpers`, `credsStore`)
 //! * `signature` — cosign signature policy and checks
 //! * `tls`    — extra CA roots and the insecure registry list
 //! * `unbox`  — gzip / tar unwrapping with caps
@@ -23,6 +24,7 @@
 //! * `lease`  — pins published to other processes sharing the directory
 
 pub mod cache;
+pub mod credhelper;
 pub mod error;
 mod flight;
 pub mod guard;

@@ -96,6 +96,8 @@ pub struct CacheConfig {
     pub max_cache_bytes: u64,
     pub http: HttpOptions,
     pub tls: FetchTls,
+    /// Docker config JSON used for registries when a resource names no pull secret.
+    pub docker_config: Option<PathBuf>,
     /// Signature policy for OCI modules (`None`: nothing is verified).
     pub verify: Option<std::sync::Arc<super::signature::VerifyPolicy>>,
 }

@@ -94,6 +94,40 @@ impl Cache {
         })
     }
 
+    /// Credentials for `r`'s registry: from the resource's pull secret, else from
+    /// `--docker-config`; a `credHelpers` / `credsStore` entry runs its helper.
+    async fn registry_auth(
+        &self,
+        r: &OciRef,
+        secret: Option<&[u8]>,
+        shown: &str,
+    ) -> Result<RegistryAuth, FetchError> {
+        let bad = |reason: String| FetchError::Secret {
+            url: shown.to_owned(),
+            reason,
+        };
+        let config = match (secret, &self.cfg.docker_config) {
+            (Some(s), _) => Some(s.to_vec()),
+            (None, Some(path)) => {
+                let path = path.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    std::fs::read(&path).map_err(|e| (path, e))
+                })
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+                Some(read.map_err(|(p, e)| bad(format!("--docker-config {}: {e}", p.display())))?)
+            }
+            (None, None) => None,
+        };
+        let Some(config) = config else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        match secret::source_for(&config, &r.registry).map_err(bad)? {
+            secret::Source::Auth(a) => Ok(a),
+            secret::Source::Helper(name) => self.helpers.get(&name, &r.registry).await.map_err(bad),
+        }
+    }
+
     /// A new temp file in the cache (created off the async threads).
     async fn temp(&self, shown: &str, label: &'static str) -> Result<TempFile, FetchError> {
         let store = self.store.clone();
@@ -117,13 +151,7 @@ impl Cache {
             timeout: total,
             stage,
         };
-        let auth = match secret {
-            None => RegistryAuth::Anonymous,
-            Some(s) => secret::auth_for(s, &r.registry).map_err(|reason| FetchError::Secret {
-                url: shown.to_owned(),
-                reason,
-            })?,
-        };
+        let auth = self.registry_auth(r, secret, shown).await?;
         let resolved = tokio::time::timeout_at(deadline, self.oci.resolve(shown, r, auth))
             .await
             .map_err(|_| timeout("fetching the manifest"))??;

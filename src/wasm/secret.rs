@@ -11,6 +11,21 @@ use std::collections::HashMap;
 struct DockerConfig {
     #[serde(default)]
     auths: HashMap<String, Entry>,
+    /// Registry host → credential helper name.
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
+    /// The helper for every registry without its own.
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+}
+
+/// Where a registry's credentials come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// Given in the config itself.
+    Auth(RegistryAuth),
+    /// From `docker-credential-<name>` (see `credhelper`).
+    Helper(String),
 }
 
 #[derive(Deserialize, Default)]
@@ -38,20 +53,45 @@ fn same_registry(key: &str, registry: &str) -> bool {
     h == registry || (DOCKER_HUB.contains(&h) && DOCKER_HUB.contains(&registry))
 }
 
-/// Credentials for `registry` (`host[:port]`) from a docker config JSON. No matching entry
-/// means anonymous access, as with Docker.
-pub fn auth_for(secret: &[u8], registry: &str) -> Result<RegistryAuth, String> {
+/// Where `registry`'s credentials come from, in docker's order: its `credHelpers` entry, else
+/// `credsStore`, else its `auths` entry.
+pub fn source_for(secret: &[u8], registry: &str) -> Result<Source, String> {
+    let cfg = parse(secret)?;
+    if let Some(name) = cfg
+        .cred_helpers
+        .iter()
+        .find(|(k, _)| same_registry(k, registry))
+        .map(|(_, n)| n)
+    {
+        return Ok(Source::Helper(name.clone()));
+    }
+    if let Some(store) = cfg.creds_store.as_ref().filter(|s| !s.is_empty()) {
+        return Ok(Source::Helper(store.clone()));
+    }
+    auth_from(&cfg, registry).map(Source::Auth)
+}
+
+fn parse(secret: &[u8]) -> Result<DockerConfig, String> {
     let text = std::str::from_utf8(secret).map_err(|_| "not UTF-8".to_owned())?;
     if text.trim() == "null" || text.trim().is_empty() {
         return Err("empty (the referenced Secret is missing or not of type kubernetes.io/dockerconfigjson)".into());
     }
-    let cfg: DockerConfig = serde_json::from_str(text).map_err(|e| {
+    serde_json::from_str(text).map_err(|e| {
         format!(
             "not docker config JSON (line {}, column {})",
             e.line(),
             e.column()
         )
-    })?;
+    })
+}
+
+/// Credentials for `registry` (`host[:port]`) from a docker config JSON's `auths`. No matching
+/// entry means anonymous access, as with Docker.
+pub fn auth_for(secret: &[u8], registry: &str) -> Result<RegistryAuth, String> {
+    auth_from(&parse(secret)?, registry)
+}
+
+fn auth_from(cfg: &DockerConfig, registry: &str) -> Result<RegistryAuth, String> {
     let Some(entry) = cfg
         .auths
         .iter()

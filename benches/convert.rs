@@ -233,6 +233,7 @@ async fn cache(dir: &std::path::Path) -> Arc<Cache> {
         },
         tls: FetchTls::default(),
         docker_config: None,
+        registries: Default::default(),
         verify: None,
     })
     .await

@@ -233,6 +233,20 @@ pub struct CacheArgs {
     #[arg(long, env = "ECDS_AGENT_DOCKER_CONFIG", value_parser = existing_file, value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
 
+    /// Registry mirrors and rewrites (a subset of containers-registries.conf v2, TOML).
+    #[arg(long, env = "ECDS_AGENT_REGISTRIES_CONFIG", value_parser = existing_file, value_name = "FILE")]
+    pub registries_config: Option<PathBuf>,
+
+    /// UPSTREAM=MIRROR: try MIRROR first for every oci:// reference under UPSTREAM (repeatable;
+    /// the env var takes a comma-separated list).
+    #[arg(
+        long,
+        env = "ECDS_AGENT_REGISTRY_MIRRORS",
+        value_delimiter = ',',
+        value_name = "UPSTREAM=MIRROR"
+    )]
+    pub registry_mirror: Vec<String>,
+
     /// Signature policy (TOML): which OCI modules must carry a cosign signature by which public
     /// key, which may be unsigned, which are refused. Unset: nothing is verified.
     #[arg(long, env = "ECDS_AGENT_VERIFY_POLICY", value_parser = existing_file, value_name = "FILE")]
@@ -295,6 +309,7 @@ impl CacheArgs {
                     .map(|d| PathBuf::from(d).join("config.json"))
                     .filter(|p| p.is_file())
             }),
+            registries: std::sync::Arc::new(self.registries()?),
             verify: match &self.verify_policy {
                 Some(p) => Some(std::sync::Arc::new(
                     crate::wasm::signature::VerifyPolicy::load(p)
@@ -303,6 +318,20 @@ impl CacheArgs {
                 None => None,
             },
         })
+    }
+
+    /// The mirrors and rewrites of --registries-config plus --registry-mirror.
+    fn registries(&self) -> Result<crate::wasm::mirrors::Registries, String> {
+        let mut r = match &self.registries_config {
+            Some(p) => crate::wasm::mirrors::Registries::load(p)
+                .map_err(|e| format!("--registries-config {e}"))?,
+            None => Default::default(),
+        };
+        for m in &self.registry_mirror {
+            r.add_shorthand(m)
+                .map_err(|e| format!("--registry-mirror {e}"))?;
+        }
+        Ok(r)
     }
 
     /// The insecure list, trimmed, empty entries dropped.

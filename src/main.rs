@@ -279,5 +279,8 @@ async fn fetch(args: FetchArgs) -> Result<(), Failure> {
         "source: {}",
         if module.fetched { "network" } else { "cache" }
     );
+    if let Some(host) = &module.served_by {
+        println!("served_by: {host}");
+    }
     Ok(())
 }

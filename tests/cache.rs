@@ -49,6 +49,7 @@ async fn cache_in(dir: &std::path::Path, o: Opts) -> Arc<Cache> {
         },
         tls: FetchTls::new(ca.as_deref(), o.insecure).unwrap(),
         docker_config: None,
+        registries: Default::default(),
         verify: None,
     })
     .await

@@ -34,6 +34,8 @@ pub const ENVOY_REJECTIONS: &str = "ecds_agent_envoy_rejections";
 pub const ECDS_SUPERSEDED: &str = "ecds_agent_ecds_superseded";
 /// Signature checks of OCI modules (`result`: verified, unsigned_allowed, failed).
 pub const SIGNATURE_CHECKS: &str = "ecds_agent_wasm_signature_checks";
+/// Modules fetched, by the host that served them (`host`: a mirror or the origin).
+pub const FETCHES_SERVED: &str = "ecds_agent_wasm_fetches_served";
 pub const HEAL_DELIVERIES: &str = "ecds_agent_wasm_heal_deliveries";
 pub const HEAL_ATTEMPTS: &str = "ecds_agent_wasm_heal_attempts";
 
@@ -141,6 +143,10 @@ pub fn describe() {
     describe_counter!(
         ENVOY_REJECTIONS,
         "Envoy NACKs of ECDS updates the agent delivered, by what was delivered"
+    );
+    describe_counter!(
+        FETCHES_SERVED,
+        "modules fetched, by the host that served them"
     );
     describe_counter!(
         SIGNATURE_CHECKS,

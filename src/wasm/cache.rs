@@ -189,6 +189,7 @@ impl Cache {
             size: entry.size,
             matched,
             fetched: false,
+            served_by: None,
         })
     }
 

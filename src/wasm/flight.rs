@@ -176,15 +176,7 @@ impl Cache {
         };
         let module = match fetched {
             Fetched::Cached(module) => module,
-            Fetched::New {
-                file,
-                sha,
-                digests,
-                matched,
-            } => {
-                self.store_module(url, &shown, file, sha, digests, matched)
-                    .await?
-            }
+            Fetched::New(new) => self.store_module(url, &shown, new).await?,
         };
         // Make the result visible on disk before the lock is released.
         {

@@ -28,6 +28,9 @@ pub struct ModuleEntry {
     /// Unix seconds.
     pub last_used: u64,
     pub fetched_at: u64,
+    /// The host that served the module when it was fetched (a mirror or the origin).
+    #[serde(default)]
+    pub served_by: Option<String>,
 }
 
 /// What the cache remembers about one URL (for pull policies).
@@ -321,6 +324,7 @@ mod tests {
             size: 1,
             matched: None,
             fetched: true,
+            served_by: None,
         };
         assert!(record_url(&mut index, "u", &m, None, 5));
         assert!(!record_url(&mut index, "u", &m, None, 6));
@@ -338,6 +342,7 @@ mod tests {
             size: 1,
             matched: None,
             fetched: true,
+            served_by: None,
         };
         let url = "https://user:pa55@h.example/m.wasm?X-Amz-Signature=t0ken";
         record_url(&mut index, url, &m, None, 1);

@@ -6,6 +6,7 @@
 //! * `url`    — parsing module URLs
 //! * `http`   — HTTP(S) fetcher (retries, backoff, size cap, redirects by hand)
 //! * `guard`  — what a fetch may reach: blocked addresses (SSRF), redirect rules
+//! * `mirrors` — registry mirrors and rewrites (registries.conf subset)
 //! * `oci`    — OCI fetcher (manifest/index resolution, three image layouts)
 //! * `secret` — docker config JSON pull secrets
 //! * `credhelper` — docker credential helpers (`credHelpers`, `credsStore`)
@@ -31,6 +32,7 @@ pub mod guard;
 pub mod http;
 pub mod index;
 pub mod lease;
+pub mod mirrors;
 pub mod oci;
 pub mod options;
 mod pipeline;

@@ -293,6 +293,7 @@ impl OciFetcher {
         shown: &str,
         r: &OciRef,
         auth: RegistryAuth,
+        insecure: bool,
     ) -> Result<Resolved, FetchError> {
         let reference = Self::reference(r);
         let manifest_err = |reason: String| FetchError::Manifest {
@@ -301,7 +302,7 @@ impl OciFetcher {
         };
         // Verified TLS for everyone; listed insecure hosts get TLS without verification,
         // then plain HTTP if they do not speak TLS. Never a silent downgrade otherwise.
-        let attempts: &[(bool, bool)] = if self.tls.is_insecure(&r.registry) {
+        let attempts: &[(bool, bool)] = if insecure || self.tls.is_insecure(&r.registry) {
             &[(false, true), (true, false)]
         } else {
             &[(false, false)]

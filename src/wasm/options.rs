@@ -83,6 +83,8 @@ pub struct Module {
     pub matched: Option<Matched>,
     /// Whether this call went to the network.
     pub fetched: bool,
+    /// The host the bytes came from when this call fetched them (a mirror or the origin).
+    pub served_by: Option<String>,
 }
 
 /// Cache settings.
@@ -98,6 +100,8 @@ pub struct CacheConfig {
     pub tls: FetchTls,
     /// Docker config JSON used for registries when a resource names no pull secret.
     pub docker_config: Option<PathBuf>,
+    /// Registry mirrors and rewrites.
+    pub registries: std::sync::Arc<super::mirrors::Registries>,
     /// Signature policy for OCI modules (`None`: nothing is verified).
     pub verify: Option<std::sync::Arc<super::signature::VerifyPolicy>>,
 }

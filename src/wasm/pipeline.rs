@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::cache::{io_err, Cache};
 use super::error::FetchError;
 use super::index::{digest_match, find_by_checksum};
+use super::mirrors::Source;
 use super::oci::Resolved;
 use super::options::{Matched, Module};
 use super::signature::{verify_payload, Action, VerifyPolicy};
@@ -22,13 +23,17 @@ use crate::admin::metrics as m;
 /// What a fetch produced: a module already in the cache (OCI digest known), or new bytes.
 pub(super) enum Fetched {
     Cached(Module),
-    New {
-        /// The unboxed module, not validated yet, in a temp file.
-        file: TempFile,
-        sha: String,
-        digests: Vec<String>,
-        matched: Option<Matched>,
-    },
+    New(NewModule),
+}
+
+/// A module just pulled, unboxed into a temp file, not validated or stored yet.
+pub(super) struct NewModule {
+    pub file: TempFile,
+    pub sha: String,
+    pub digests: Vec<String>,
+    pub matched: Option<Matched>,
+    /// The host the bytes came from (a mirror or the origin).
+    pub served_by: String,
 }
 
 impl Cache {
@@ -86,12 +91,13 @@ impl Cache {
                 })
             }
         };
-        Ok(Fetched::New {
+        Ok(Fetched::New(NewModule {
             file,
             sha,
             digests: vec![],
             matched,
-        })
+            served_by: super::guard::host_port(u),
+        }))
     }
 
     /// Credentials for `r`'s registry: from the resource's pull secret, else from
@@ -137,9 +143,65 @@ impl Cache {
             .map_err(|reason| io_err(shown, reason))
     }
 
+    /// Pulls `r` from the first source that serves it: its mirrors in order, then the origin
+    /// (see `mirrors`). A failing mirror falls back to the next source.
     pub(super) async fn fetch_oci(
         &self,
         r: &OciRef,
+        shown: &str,
+        expected: Option<&str>,
+        secret: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<Fetched, FetchError> {
+        let sources = self.cfg.registries.sources(r);
+        let mut pinned = r.digest.clone();
+        for (i, src) in sources.iter().enumerate() {
+            let last = i + 1 == sources.len();
+            let mut at = src.clone();
+            if src.digest_only && at.reference.digest.is_none() {
+                // digest-only: the tag is resolved at the origin, the digest pulled here.
+                if pinned.is_none() {
+                    let origin = &sources[sources.len() - 1];
+                    let auth = self.registry_auth(&origin.reference, secret, shown).await?;
+                    match tokio::time::timeout_at(
+                        deadline,
+                        self.oci
+                            .resolve(shown, &origin.reference, auth, origin.insecure),
+                    )
+                    .await
+                    {
+                        Ok(Ok(res)) => {
+                            pinned = Some(res.index_digest.clone().unwrap_or(res.digest.clone()))
+                        }
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => continue,
+                    }
+                }
+                at.reference.digest = pinned.clone();
+                at.reference.tag = None;
+            }
+            match self
+                .fetch_oci_from(r, &at, shown, expected, secret, deadline)
+                .await
+            {
+                Err(e) if !last => {
+                    tracing::warn!(url = %shown, mirror = %at.reference.registry, error = %e,
+                        "mirror failed; trying the next source");
+                }
+                other => return other,
+            }
+        }
+        Err(FetchError::Manifest {
+            url: shown.to_owned(),
+            reason: "no source to pull from".into(),
+        })
+    }
+
+    /// Pulls `r` from one source `src` (the policy still matches `r`'s own name).
+    async fn fetch_oci_from(
+        &self,
+        r: &OciRef,
+        src: &Source,
         shown: &str,
         expected: Option<&str>,
         secret: Option<&[u8]>,
@@ -151,10 +213,13 @@ impl Cache {
             timeout: total,
             stage,
         };
-        let auth = self.registry_auth(r, secret, shown).await?;
-        let resolved = tokio::time::timeout_at(deadline, self.oci.resolve(shown, r, auth))
-            .await
-            .map_err(|_| timeout("fetching the manifest"))??;
+        let auth = self.registry_auth(&src.reference, secret, shown).await?;
+        let resolved = tokio::time::timeout_at(
+            deadline,
+            self.oci.resolve(shown, &src.reference, auth, src.insecure),
+        )
+        .await
+        .map_err(|_| timeout("fetching the manifest"))??;
         if let Some(policy) = &self.cfg.verify {
             tokio::time::timeout_at(deadline, self.check_signature(policy, r, &resolved, shown))
                 .await
@@ -192,12 +257,13 @@ impl Cache {
         };
         let mut digests = vec![resolved.digest.clone()];
         digests.extend(resolved.index_digest.clone());
-        Ok(Fetched::New {
+        Ok(Fetched::New(NewModule {
             file,
             sha,
             digests,
             matched,
-        })
+            served_by: src.reference.registry.clone(),
+        }))
     }
 
     /// Applies the signature policy to the image about to be used: the index digest (when the
@@ -285,11 +351,15 @@ impl Cache {
         &self,
         url: &str,
         shown: &str,
-        file: TempFile,
-        sha: String,
-        digests: Vec<String>,
-        matched: Option<Matched>,
+        new: NewModule,
     ) -> Result<Module, FetchError> {
+        let NewModule {
+            file,
+            sha,
+            digests,
+            matched,
+            served_by,
+        } = new;
         let max = self.cfg.max_module_bytes;
         let size = file
             .file
@@ -336,8 +406,10 @@ impl Cache {
             entry.last_used = now;
             entry.urls.insert(super::error::redact(url));
             entry.oci_digests.extend(digests.iter().cloned());
+            entry.served_by = Some(served_by.clone());
             st.dirty = true;
         }
+        counter!(m::FETCHES_SERVED, "host" => served_by.clone()).increment(1);
         self.enforce_budget(&sha).await;
         self.publish_gauges();
         Ok(Module {
@@ -347,6 +419,7 @@ impl Cache {
             size,
             matched,
             fetched: true,
+            served_by: Some(served_by),
         })
     }
 }

@@ -34,6 +34,8 @@ pub struct ModuleView {
     pub last_used: u64,
     /// `resource (stream N)` for each live ECDS resource using it.
     pub used_by: Vec<String>,
+    /// The host that served the module (a mirror or the origin).
+    pub served_by: Option<String>,
     pub last_error: Option<FailureInfo>,
 }
 
@@ -84,6 +86,7 @@ impl Cache {
                     fetched_at: e.fetched_at,
                     last_used: e.last_used,
                     used_by,
+                    served_by: e.served_by.clone(),
                 }
             })
             .collect();

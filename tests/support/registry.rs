@@ -120,7 +120,17 @@ impl Registry {
         Self::start(true).await
     }
 
+    /// A plain registry in pull-through cache mode in front of `upstream` (`http://host:port`;
+    /// start the upstream first: distribution 2.8 panics otherwise).
+    pub async fn pull_through(upstream: &str) -> Self {
+        Self::start_with(false, Some(upstream)).await
+    }
+
     async fn start(secure: bool) -> Self {
+        Self::start_with(secure, None).await
+    }
+
+    async fn start_with(secure: bool, proxy: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
         let mut yml = format!(
@@ -135,6 +145,9 @@ impl Registry {
                 p.key.display(),
                 p.htpasswd.display()
             ));
+        }
+        if let Some(remote) = proxy {
+            yml.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
         }
         let config = dir.path().join("config.yml");
         std::fs::write(&config, yml).unwrap();
@@ -343,6 +356,21 @@ impl Registry {
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains(&needle) && (l.contains("\" 200 ") || l.contains("\" 307 ")))
+            .count()
+    }
+
+    /// The registry's access and error log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many manifest GETs the registry served for `repo`.
+    pub fn manifest_gets(&self, repo: &str) -> usize {
+        let needle = format!("\"GET /v2/{repo}/manifests/");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&needle) && l.contains("\" 200 "))
             .count()
     }
 

@@ -43,13 +43,7 @@ fn fetch(reg: &Registry, bin: &Path, extra: &[&str], env: &[(&str, &str)]) -> Ou
     cmd.output().unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::agent::output_text as text;
 
 fn config(dir: &Path, name: &str, json: serde_json::Value) -> PathBuf {
     let p = dir.join(name);

@@ -95,13 +95,7 @@ fn fetch_into(url: &str, cache: &Path, extra: &[&str], env: &[(&str, &str)]) -> 
     cmd.output().unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::agent::output_text as text;
 
 fn enc(u: &str) -> String {
     u.bytes()

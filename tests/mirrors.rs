@@ -21,13 +21,7 @@ fn fetch(url: &str, extra: &[&str], cache: &Path) -> Output {
         .unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::agent::output_text as text;
 
 #[tokio::test]
 async fn a_pull_through_mirror_serves_many_fetches_without_more_origin_pulls() {

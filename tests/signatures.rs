@@ -129,13 +129,7 @@ fn fetch(reg: &Registry, repo_ref: &str, policy: &Path, cache: &Path) -> Output 
         .unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::agent::output_text as text;
 
 #[tokio::test]
 async fn signature_policy_cases() {

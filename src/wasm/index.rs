@@ -225,6 +225,18 @@ mod tests {
         c.to_string().repeat(64)
     }
 
+    fn module_a() -> Module {
+        Module {
+            path: "p".into(),
+            sha256: sha('a'),
+            oci_digest: None,
+            size: 1,
+            matched: None,
+            fetched: true,
+            served_by: None,
+        }
+    }
+
     fn index_with(module: &str, digest: &str) -> Index {
         let mut index = Index::default();
         index.modules.insert(
@@ -317,15 +329,7 @@ mod tests {
     #[test]
     fn recording_marks_changes_only() {
         let mut index = index_with(&sha('a'), "d");
-        let m = Module {
-            path: "p".into(),
-            sha256: sha('a'),
-            oci_digest: None,
-            size: 1,
-            matched: None,
-            fetched: true,
-            served_by: None,
-        };
+        let m = module_a();
         assert!(record_url(&mut index, "u", &m, None, 5));
         assert!(!record_url(&mut index, "u", &m, None, 6));
         assert_eq!(index.modules[&sha('a')].last_used, 6);
@@ -335,15 +339,7 @@ mod tests {
     #[test]
     fn the_index_never_holds_a_url_as_given() {
         let mut index = index_with(&sha('a'), "d");
-        let m = Module {
-            path: "p".into(),
-            sha256: sha('a'),
-            oci_digest: None,
-            size: 1,
-            matched: None,
-            fetched: true,
-            served_by: None,
-        };
+        let m = module_a();
         let url = "https://user:pa55@h.example/m.wasm?X-Amz-Signature=t0ken";
         record_url(&mut index, url, &m, None, 1);
         let json = serde_json::to_string(&index).unwrap();

@@ -206,3 +206,12 @@ pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
     }
     0.0
 }
+
+/// A finished command's stdout and stderr, as one text.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

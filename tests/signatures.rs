@@ -327,3 +327,72 @@ fn a_bad_policy_file_exits_2_naming_the_flag() {
         text(&out)
     );
 }
+
+/// Pushes a skopeo `dir:` layout or a directory of blobs named by their hex digest, plus its
+/// `manifest.json` byte for byte, as `repo:reference`.
+async fn push_dir(reg: &Registry, repo: &str, dir: &Path, reference: &str) -> String {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.len() == 64 {
+            reg.push_blob(repo, &std::fs::read(e.path()).unwrap()).await;
+        }
+    }
+    let manifest = std::fs::read(dir.join("manifest.json")).unwrap();
+    let mt = serde_json::from_slice::<serde_json::Value>(&manifest).unwrap()["mediaType"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    reg.push_manifest_bytes(repo, reference, &mt, manifest)
+        .await
+}
+
+/// testdata/cosign: an image of the basic-auth plugin signed by the cosign CLI itself (v2.4.1,
+/// built from its Go module; see testdata/cosign/README.md), replayed into a fresh registry.
+#[tokio::test]
+async fn an_image_signed_by_cosign_itself_verifies() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/cosign");
+    let reg = Registry::plain().await;
+    let digest = push_dir(&reg, "team/cosigned", &data.join("image"), "1.0").await;
+    assert_eq!(
+        digest,
+        "sha256:9802040d12334c64448062f3ca12f7762c5e6d0d13471b5e66188734ec46fd88"
+    );
+    push_dir(
+        &reg,
+        "team/cosigned",
+        &data.join("signature"),
+        &format!("{}.sig", digest.replace(':', "-")),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = policy(
+        dir.path(),
+        &format!(
+            "[[rule]]\nmatch = \"*\"\npublic_key = \"{}\"\n",
+            data.join("cosign.pub").display()
+        ),
+    );
+    let out = fetch(&reg, "team/cosigned:1.0", &good, &dir.path().join("c1"));
+    assert!(out.status.success(), "{}", text(&out));
+    let plugin = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/plugins/basic_auth/basic_auth.wasm"),
+    )
+    .unwrap();
+    assert!(text(&out).contains(&sha256_hex(&plugin)));
+    // The same image under a key cosign did not sign with fails.
+    let (_, other) = key_pair(dir.path(), "other");
+    let bad = policy(
+        dir.path(),
+        &format!(
+            "[[rule]]\nmatch = \"*\"\npublic_key = \"{}\"\n",
+            other.display()
+        ),
+    );
+    let out = fetch(&reg, "team/cosigned:1.0", &bad, &dir.path().join("c2"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no signature verifies"),
+        "{}",
+        text(&out)
+    );
+}

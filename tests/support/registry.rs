@@ -278,7 +278,23 @@ impl Registry {
         media_type: &str,
         body: &serde_json::Value,
     ) -> String {
-        let bytes = serde_json::to_vec(body).unwrap();
+        self.push_manifest_bytes(
+            repo,
+            reference,
+            media_type,
+            serde_json::to_vec(body).unwrap(),
+        )
+        .await
+    }
+
+    /// Puts a manifest exactly as `bytes` (its digest is theirs); returns the digest.
+    pub async fn push_manifest_bytes(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: Vec<u8>,
+    ) -> String {
         let r = self
             .auth(
                 self.client()

@@ -396,3 +396,128 @@ async fn an_image_signed_by_cosign_itself_verifies() {
         text(&out)
     );
 }
+
+/// Pushes `bundle` as an OCI 1.1 referrer of `subject` in the referrers tag schema
+/// (`sha256-<hex>`: an index of referrer manifests), as registries without the referrers API
+/// hold them.
+async fn push_bundle_referrer(reg: &Registry, repo: &str, subject: &str, bundle: &[u8]) {
+    const BUNDLE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+    let empty = b"{}".to_vec();
+    let cd = reg.push_blob(repo, &empty).await;
+    let ld = reg.push_blob(repo, bundle).await;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": BUNDLE,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cd, "size": 2},
+        "layers": [{"mediaType": BUNDLE, "digest": ld, "size": bundle.len()}],
+        "subject": {"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": subject, "size": 0},
+    }))
+    .unwrap();
+    let md = format!("sha256:{}", sha256_hex(&manifest));
+    let size = manifest.len();
+    reg.push_manifest_bytes(
+        repo,
+        &md,
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest,
+    )
+    .await;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": size, "artifactType": BUNDLE}],
+    });
+    reg.push_manifest(
+        repo,
+        &subject.replace(':', "-"),
+        "application/vnd.oci.image.index.v1+json",
+        &index,
+    )
+    .await;
+}
+
+/// A sigstore bundle v0.3 with a DSSE envelope over an in-toto statement naming `subject`,
+/// signed (DSSE PAE) with `key` by openssl.
+fn bundle(dir: &Path, key: &Path, subject: &str) -> Vec<u8> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let statement = serde_json::to_vec(&serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": "plugin", "digest": {"sha256": subject.trim_start_matches("sha256:")}}],
+        "predicateType": "https://sigstore.dev/cosign/sign/v1",
+        "predicate": {}
+    }))
+    .unwrap();
+    let ptype = "application/vnd.in-toto+json";
+    let mut pae = format!("DSSEv1 {} {ptype} {} ", ptype.len(), statement.len()).into_bytes();
+    pae.extend_from_slice(&statement);
+    serde_json::to_vec(&serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": {"publicKey": {"hint": "test"}},
+        "dsseEnvelope": {
+            "payload": b64.encode(&statement),
+            "payloadType": ptype,
+            "signatures": [{"sig": sign(dir, key, &pae)}]
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sigstore_bundles_attached_as_oci_referrers_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "k");
+    let (other, _) = key_pair(dir.path(), "other");
+    let reg = Registry::plain().await;
+    let rules = policy(
+        dir.path(),
+        &format!(
+            "[[rule]]\nmatch = \"*\"\npublic_key = \"{}\"\n",
+            public.display()
+        ),
+    );
+
+    let w = module("bundle-ok");
+    let d = reg.push("team/b-ok", "1.0", &w, Layout::Docker).await;
+    push_bundle_referrer(&reg, "team/b-ok", &d, &bundle(dir.path(), &key, &d)).await;
+    let out = fetch(&reg, "team/b-ok:1.0", &rules, &dir.path().join("c1"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&sha256_hex(&w)));
+
+    let d = reg
+        .push(
+            "team/b-other",
+            "1.0",
+            &module("bundle-other"),
+            Layout::Docker,
+        )
+        .await;
+    push_bundle_referrer(&reg, "team/b-other", &d, &bundle(dir.path(), &other, &d)).await;
+    let out = fetch(&reg, "team/b-other:1.0", &rules, &dir.path().join("c2"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no bundle signature verifies"),
+        "{}",
+        text(&out)
+    );
+
+    let d = reg
+        .push(
+            "team/b-subject",
+            "1.0",
+            &module("bundle-subject"),
+            Layout::Docker,
+        )
+        .await;
+    let elsewhere = format!("sha256:{}", "e".repeat(64));
+    push_bundle_referrer(
+        &reg,
+        "team/b-subject",
+        &d,
+        &bundle(dir.path(), &key, &elsewhere),
+    )
+    .await;
+    let out = fetch(&reg, "team/b-subject:1.0", &rules, &dir.path().join("c3"));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("does not name"), "{}", text(&out));
+}

@@ -52,6 +52,9 @@ const ACCEPT: &[&str] = &[
 #[serde(rename_all = "camelCase")]
 struct RawManifest {
     media_type: Option<String>,
+    /// OCI 1.1 artifact type (referrers: signatures, bundles).
+    #[serde(default)]
+    artifact_type: Option<String>,
     #[serde(default)]
     manifests: Vec<RawDesc>,
     #[serde(default)]
@@ -494,6 +497,87 @@ impl OciFetcher {
         }
         if out.is_empty() {
             return Err(format!("{tag} holds no cosign simple-signing signature"));
+        }
+        Ok(out)
+    }
+
+    /// Sigstore bundles (v0.3) attached to `digest` as OCI 1.1 referrers: from the registry's
+    /// referrers API where it has one, else from the referrers tag schema (`sha256-<hex>`, an
+    /// index of referrer manifests). The bundle JSON of each; `Err` says why there are none.
+    pub async fn bundles(&self, r: &Resolved, digest: &str) -> Result<Vec<Vec<u8>>, String> {
+        const MAX_BUNDLE: u64 = 1 << 20;
+        let subject = r.reference.clone_with_digest(digest.to_owned());
+        let mut candidates: Vec<String> = match r.client.pull_referrers(&subject, None).await {
+            Ok(index) => index.manifests.into_iter().map(|m| m.digest).collect(),
+            Err(_) => Vec::new(),
+        };
+        if candidates.is_empty() {
+            let tag = digest.replace(':', "-");
+            let fallback = Reference::with_tag(
+                r.reference.registry().to_owned(),
+                r.reference.repository().to_owned(),
+                tag,
+            );
+            if let Ok((body, _)) = r
+                .client
+                .pull_manifest_raw(&fallback, &r.auth, &[OCI_IMAGE_INDEX_MEDIA_TYPE])
+                .await
+            {
+                if let Ok(index) = serde_json::from_slice::<RawManifest>(body.as_ref()) {
+                    candidates = index
+                        .manifests
+                        .into_iter()
+                        .filter(|m| {
+                            m.artifact_type
+                                .as_deref()
+                                .is_none_or(|t| signature::BUNDLE_TYPES.contains(&t))
+                        })
+                        .map(|m| m.digest)
+                        .collect();
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for d in candidates.into_iter().take(16) {
+            let at = r.reference.clone_with_digest(d);
+            let Ok((body, _)) = r
+                .client
+                .pull_manifest_raw(&at, &r.auth, &[OCI_IMAGE_MEDIA_TYPE])
+                .await
+            else {
+                continue;
+            };
+            let Ok(m) = serde_json::from_slice::<RawManifest>(body.as_ref()) else {
+                continue;
+            };
+            let is_bundle = |t: &str| signature::BUNDLE_TYPES.contains(&t);
+            if !m.artifact_type.as_deref().is_some_and(is_bundle)
+                && !m.layers.iter().any(|l| is_bundle(&l.media_type))
+            {
+                continue;
+            }
+            for layer in m
+                .layers
+                .iter()
+                .filter(|l| l.size >= 0 && l.size as u64 <= MAX_BUNDLE)
+            {
+                let mut sink = VecSink {
+                    buf: Vec::new(),
+                    limit: MAX_BUNDLE,
+                };
+                let desc = OciDescriptor {
+                    media_type: layer.media_type.clone(),
+                    digest: layer.digest.clone(),
+                    size: layer.size,
+                    ..Default::default()
+                };
+                if r.client.pull_blob(&at, &desc, &mut sink).await.is_ok() {
+                    out.push(sink.buf);
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(format!("no sigstore bundle refers to {digest}"));
         }
         Ok(out)
     }

@@ -13,7 +13,7 @@ use super::index::{digest_match, find_by_checksum};
 use super::mirrors::Source;
 use super::oci::Resolved;
 use super::options::{Matched, Module};
-use super::signature::{verify_payload, Action, VerifyPolicy};
+use super::signature::{verify_bundle, verify_payload, Action, VerifyPolicy};
 use super::store::{now_secs, sha256_file, ModuleEntry, TempFile};
 use super::unbox::{self, Boxing};
 use super::url::OciRef;
@@ -302,6 +302,23 @@ impl Cache {
             .iter()
             .chain(std::iter::once(&resolved.digest));
         for digest in digests {
+            // OCI 1.1 referrers: sigstore bundles (cosign v3's default).
+            match self.oci.bundles(resolved, digest).await {
+                Ok(bundles) => {
+                    for b in bundles {
+                        match verify_bundle(&b, keys, digest) {
+                            Ok(key) => {
+                                tracing::info!(url = %shown, %digest, key, "signature (sigstore bundle) verified");
+                                counter!(m::SIGNATURE_CHECKS, "result" => "verified").increment(1);
+                                return Ok(());
+                            }
+                            Err(e) => why.push(e),
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(url = %shown, error = %e, "no sigstore bundle"),
+            }
+            // Cosign's legacy layout: the sha256-<hex>.sig tag.
             match self.oci.signatures(resolved, digest).await {
                 Ok(sigs) => {
                     for (payload, sig) in sigs {

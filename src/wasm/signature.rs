@@ -25,6 +25,12 @@ use aws_lc_rs::signature::{ParsedPublicKey, UnparsedPublicKey, ECDSA_P256_SHA256
 use base64::Engine;
 use serde::Deserialize;
 
+/// Artifact types of a sigstore bundle v0.3 (what cosign v3 pushes as an OCI 1.1 referrer).
+pub const BUNDLE_TYPES: &[&str] = &[
+    "application/vnd.dev.sigstore.bundle.v0.3+json",
+    "application/vnd.dev.sigstore.bundle+json;version=0.3",
+];
+
 /// Layer media type of a cosign simple-signing payload.
 pub const SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 /// Annotation holding the base64 DER signature.
@@ -220,6 +226,106 @@ pub fn verify_payload(
         return Err(format!(
             "the signature is for {}, not for {digest} (a re-tagged image?)",
             p.critical.image.digest
+        ));
+    }
+    Ok(key)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Bundle {
+    #[serde(default)]
+    dsse_envelope: Option<Envelope>,
+    #[serde(default)]
+    message_signature: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    payload: String,
+    payload_type: String,
+    signatures: Vec<EnvelopeSig>,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeSig {
+    sig: String,
+}
+
+#[derive(Deserialize)]
+struct Statement {
+    #[serde(default)]
+    subject: Vec<Subject>,
+}
+
+#[derive(Deserialize)]
+struct Subject {
+    #[serde(default)]
+    digest: std::collections::HashMap<String, String>,
+}
+
+/// DSSE's pre-authentication encoding of a payload: what the signature covers.
+fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "DSSEv1 {} {payload_type} {} ",
+        payload_type.len(),
+        payload.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Checks a sigstore bundle v0.3 with a DSSE envelope: a signature by one of `keys` over the
+/// envelope (DSSE PAE), whose in-toto statement names `digest` as a subject. Bundles with a
+/// bare message signature, and keyless (certificate) verification, are not supported.
+pub fn verify_bundle(
+    bundle: &[u8],
+    keys: &[(String, Vec<u8>)],
+    digest: &str,
+) -> Result<String, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let bundle: Bundle =
+        serde_json::from_slice(bundle).map_err(|e| format!("not a sigstore bundle: {e}"))?;
+    let Some(env) = bundle.dsse_envelope else {
+        return Err(if bundle.message_signature.is_some() {
+            "the bundle carries a message signature, not a DSSE envelope (not supported)".into()
+        } else {
+            "the bundle has no DSSE envelope".into()
+        });
+    };
+    let payload = b64
+        .decode(env.payload.trim())
+        .map_err(|e| format!("DSSE payload is not base64: {e}"))?;
+    let signed = pae(&env.payload_type, &payload);
+    let key = env
+        .signatures
+        .iter()
+        .filter_map(|s| b64.decode(s.sig.trim()).ok())
+        .find_map(|sig| {
+            keys.iter()
+                .find(|(_, der)| {
+                    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, der)
+                        .verify(&signed, &sig)
+                        .is_ok()
+                })
+                .map(|(name, _)| name.clone())
+        })
+        .ok_or_else(|| {
+            let names: Vec<&str> = keys.iter().map(|(n, _)| n.as_str()).collect();
+            format!("no bundle signature verifies with {}", names.join(", "))
+        })?;
+    let statement: Statement = serde_json::from_slice(&payload)
+        .map_err(|e| format!("DSSE payload is not an in-toto statement: {e}"))?;
+    let hex = digest.trim_start_matches("sha256:");
+    if !statement
+        .subject
+        .iter()
+        .any(|s| s.digest.get("sha256").map(String::as_str) == Some(hex))
+    {
+        return Err(format!(
+            "the bundle's statement does not name {digest} as its subject"
         ));
     }
     Ok(key)

@@ -9,7 +9,9 @@ use std::process::{Command, Output};
 
 use support::registry::{pki, sha256_hex, PASS, USER};
 use support::res::module;
-use support::{Layout, Registry};
+use support::res::{ecds_remote, local_filename, Remote};
+use support::xds::{ecds_resp, sotw_ecds};
+use support::{Agent, ControlPlane, Layout, Registry};
 
 /// Writes `docker-credential-<name>` (a shell script) into `bin`.
 fn helper(bin: &Path, name: &str, body: &str) {
@@ -149,5 +151,57 @@ async fn credential_helpers_supply_registry_credentials() {
         text(&out).contains("not a plain program name"),
         "{}",
         text(&out)
+    );
+}
+
+#[tokio::test]
+async fn the_agent_uses_a_credential_helper_from_its_docker_config() {
+    let reg = Registry::secure().await;
+    let w = module("agent-helped");
+    reg.push("team/helped", "1.0", &w, Layout::Docker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    helper(
+        &bin,
+        "agent",
+        &format!("cat >/dev/null\nprintf '{{\"Username\":\"{USER}\",\"Secret\":\"{PASS}\"}}'"),
+    );
+    let c = config(
+        dir.path(),
+        "config.json",
+        serde_json::json!({"credHelpers": {reg.addr.clone(): "agent"}}),
+    );
+    let mut cp = ControlPlane::start().await;
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let agent = Agent::builder(&cp.url())
+        .args([
+            "--docker-config",
+            c.to_str().unwrap(),
+            "--fetch-ca",
+            pki().ca.to_str().unwrap(),
+        ])
+        .env("PATH", &path)
+        .start()
+        .await;
+    let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &["h"]).await;
+    up.send(ecds_resp(
+        "v1",
+        "n1",
+        vec![ecds_remote(
+            "h",
+            &reg.url("team/helped:1.0"),
+            &Remote::default(),
+        )],
+    ));
+    let got = envoy.recv().await;
+    assert!(local_filename(&got.resources[0]).ends_with(&format!("{}.wasm", sha256_hex(&w))));
+    assert!(
+        !agent.log_text().contains(PASS),
+        "the secret reached the log"
     );
 }

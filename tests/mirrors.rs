@@ -9,7 +9,9 @@ use std::process::{Command, Output};
 
 use support::registry::sha256_hex;
 use support::res::module;
-use support::{free_port, Layout, Registry};
+use support::res::{ecds_remote, local_filename, Remote};
+use support::xds::{ecds_resp, sotw_ecds};
+use support::{free_port, Agent, ControlPlane, Layout, Registry};
 
 fn fetch(url: &str, extra: &[&str], cache: &Path) -> Output {
     Command::new(support::agent::BIN)
@@ -191,4 +193,48 @@ async fn a_rewrite_moves_references_to_another_repository_path() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--registry-mirror"));
+}
+
+#[tokio::test]
+async fn the_agent_pulls_through_a_mirror_and_says_which_host_served() {
+    let origin = Registry::plain().await;
+    let w = module("agent-mirror");
+    origin.push("team/a", "1.0", &w, Layout::Docker).await;
+    let mirror = Registry::pull_through(&origin.base()).await;
+    let mut cp = ControlPlane::start().await;
+    let agent = Agent::builder(&cp.url())
+        .args([
+            "--registry-mirror",
+            &format!("{}={}", origin.addr, mirror.addr),
+            "--insecure-registries",
+            &format!("{},{}", origin.addr, mirror.addr),
+        ])
+        .start()
+        .await;
+    let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &["a"]).await;
+    up.send(ecds_resp(
+        "v1",
+        "n1",
+        vec![ecds_remote(
+            "a",
+            &origin.url("team/a:1.0"),
+            &Remote::default(),
+        )],
+    ));
+    let got = envoy.recv().await;
+    assert!(local_filename(&got.resources[0]).ends_with(&format!("{}.wasm", sha256_hex(&w))));
+    let (_, debug) = agent.get("/debug/wasm").await;
+    let v: serde_json::Value = serde_json::from_str(&debug).unwrap();
+    assert_eq!(
+        v["modules"][0]["served_by"].as_str(),
+        Some(mirror.addr.as_str()),
+        "{debug}"
+    );
+    let served = format!("host=\"{}\"", mirror.addr);
+    assert_eq!(
+        agent
+            .metric("ecds_agent_wasm_fetches_served", &served)
+            .await,
+        1.0
+    );
 }

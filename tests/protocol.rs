@@ -523,7 +523,9 @@ async fn past_max_streams_the_oldest_stream_ends() {
         type_url: CDS.into(),
         ..Default::default()
     });
-    cp.next_sotw().await.recv().await;
+    // Keep the old stream's upstream open: only the stream cap may end it.
+    let mut old_up = cp.next_sotw().await;
+    old_up.recv().await;
     let new = open_sotw(&mut client, &[]).await;
     new.send(DiscoveryRequest {
         type_url: CDS.into(),
@@ -535,6 +537,7 @@ async fn past_max_streams_the_oldest_stream_ends() {
     assert!(status.message().contains("--max-streams 1"), "{status:?}");
     let mut up = cp.next_sotw().await;
     assert_eq!(up.recv().await.response_nonce, "new");
+    drop(old_up);
 }
 
 /// CPU time (user + system, clock ticks) of process `pid`.

@@ -521,3 +521,46 @@ async fn sigstore_bundles_attached_as_oci_referrers_verify() {
     assert!(!out.status.success());
     assert!(text(&out).contains("does not name"), "{}", text(&out));
 }
+
+/// testdata/cosign/v3-*: the same image signed by cosign v3.1.3 (its default: a sigstore bundle
+/// v0.3 with a DSSE envelope, attached as an OCI 1.1 referrer through the referrers tag schema,
+/// since docker-registry has no referrers API), replayed byte for byte.
+#[tokio::test]
+async fn an_image_signed_by_cosign_v3_with_a_bundle_verifies() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/cosign");
+    let reg = Registry::plain().await;
+    let digest = push_dir(&reg, "team/v3signed", &data.join("image"), "1.0").await;
+    let referrer = push_dir(
+        &reg,
+        "team/v3signed",
+        &data.join("v3-referrer"),
+        "sha256:ef2b3c5ed4b9c4e58929e1773825a47be35bd33c03e7314112f0bd0230953ea3",
+    )
+    .await;
+    assert_eq!(
+        referrer,
+        "sha256:ef2b3c5ed4b9c4e58929e1773825a47be35bd33c03e7314112f0bd0230953ea3"
+    );
+    reg.push_manifest_bytes(
+        "team/v3signed",
+        &digest.replace(':', "-"),
+        "application/vnd.oci.image.index.v1+json",
+        std::fs::read(data.join("v3-referrers-index.json")).unwrap(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = policy(
+        dir.path(),
+        &format!(
+            "[[rule]]\nmatch = \"*\"\npublic_key = \"{}\"\n",
+            data.join("cosign.pub").display()
+        ),
+    );
+    let out = fetch(&reg, "team/v3signed:1.0", &good, &dir.path().join("c"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("sigstore bundle) verified"),
+        "{}",
+        text(&out)
+    );
+}

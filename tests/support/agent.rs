@@ -56,7 +56,23 @@ impl AgentBuilder {
         self
     }
 
+    /// Starts the agent; a port taken meanwhile by another process (free_port's race) is
+    /// retried with fresh ports.
     pub async fn start(self) -> Agent {
+        for _ in 0..4 {
+            let agent = self.spawn();
+            match agent.wait_ready().await {
+                Ok(()) => return agent,
+                Err(log) if log.contains("Address already in use") && self.listen.is_none() => {
+                    continue
+                }
+                Err(log) => panic!("agent not ready; log:\n{log}"),
+            }
+        }
+        panic!("agent: no free ports after 4 tries");
+    }
+
+    fn spawn(&self) -> Agent {
         let tmp = tempfile::tempdir().unwrap();
         let cache_dir = self
             .cache_dir
@@ -89,16 +105,14 @@ impl AgentBuilder {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn ecds-agent");
-        let agent = Agent {
+        Agent {
             child: Some(child),
             admin,
             listen,
             cache_dir,
             log,
             _tmp: Some(tmp),
-        };
-        agent.wait_ready().await;
-        agent
+        }
     }
 }
 
@@ -113,16 +127,22 @@ impl Agent {
         }
     }
 
-    async fn wait_ready(&self) {
+    /// Waits for /healthz/ready; `Err(log)` when the agent exits or never gets ready.
+    async fn wait_ready(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(r) = reqwest::get(format!("http://{}/healthz/ready", self.admin)).await {
                 if r.status() == 200 {
-                    return;
+                    return Ok(());
                 }
             }
-            if Instant::now() > deadline {
-                panic!("agent not ready; log:\n{}", self.log_text());
+            let exited = self.child.as_ref().map(|c| c.id()).is_some_and(|pid| {
+                !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .is_ok_and(|s| s.contains(") Z "))
+            });
+            if exited || Instant::now() > deadline {
+                return Err(self.log_text());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -97,7 +97,7 @@ impl AgentBuilder {
             .arg("--cache-dir")
             .arg(&cache_dir)
             .args(&self.args)
-            .env("RUST_LOG", "info,ecds_agent=debug")
+            .env("RUST_LOG", "info,ecds_agent=trace")
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -156,7 +156,10 @@ impl Agent {
         let r = reqwest::get(format!("http://{}{path}", self.admin))
             .await
             .expect("admin request");
-        (r.status().as_u16(), r.text().await.unwrap_or_default())
+        let code = r.status().as_u16();
+        let body = r.text().await.unwrap_or_default();
+        super::assert_no_secrets(path, &body);
+        (code, body)
     }
 
     pub async fn metrics(&self) -> String {
@@ -201,6 +204,8 @@ impl Drop for Agent {
         }
         if std::thread::panicking() {
             eprintln!("---- agent log ----\n{}", self.log_text());
+        } else {
+            super::assert_no_secrets("the agent log", &self.log_text());
         }
     }
 }
@@ -229,9 +234,11 @@ pub fn metric_value(text: &str, name: &str, labels: &str) -> f64 {
 
 /// A finished command's stdout and stderr, as one text.
 pub fn output_text(o: &std::process::Output) -> String {
-    format!(
+    let text = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
-    )
+    );
+    super::assert_no_secrets("a command's output", &text);
+    text
 }

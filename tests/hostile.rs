@@ -84,7 +84,13 @@ fn fetch(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn fetch_into(url: &str, cache: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(support::agent::BIN);
-    cmd.args(["fetch", url, "--timeout", "20s", "--http-max-attempts", "1"])
+    let timeout = if extra.contains(&"--timeout") {
+        vec![]
+    } else {
+        vec!["--timeout", "20s"]
+    };
+    cmd.args(["fetch", url, "--http-max-attempts", "1"])
+        .args(timeout)
         .args(["--fetch-ca", pki().ca.to_str().unwrap()])
         .args(extra)
         .arg("--cache-dir")
@@ -279,4 +285,88 @@ fn an_unsafe_bearer_realm_gets_no_credentials() {
         token_host.requests().is_empty(),
         "credentials went to the realm"
     );
+}
+
+/// Starts tests/hostile/registry.py (a misbehaving registry).
+fn hostile_registry(dir: &Path) -> Py {
+    let log = dir.join("registry-requests.jsonl");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/registry.py");
+    let mut child = Command::new(python())
+        .arg(script)
+        .arg("--log")
+        .arg(&log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    Py {
+        child,
+        port: line.trim().parse().expect("the registry's port"),
+        log,
+    }
+}
+
+#[test]
+fn hostile_registries_get_clear_errors_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = hostile_registry(dir.path());
+    let host = format!("127.0.0.1:{}", reg.port);
+    let wasm_digest = format!("sha256:{}", sha256_hex(b"\0asm\x01\0\0\0"));
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("oci://{host}/many-layers/p:1.0"),
+            "more than the 256",
+        ),
+        (
+            format!("oci://{host}/huge-index/p:1.0"),
+            "only the first 16 are tried",
+        ),
+        (
+            format!("oci://{host}/lie-manifest/p@sha256:{}", "a".repeat(64)),
+            "digest",
+        ),
+        (format!("oci://{host}/lie-blob/p:1.0"), "layer"),
+        (format!("oci://{host}/html/p:1.0"), "manifest"),
+        (format!("oci://{host}/stall/p:1.0"), "timed out"),
+    ];
+    for (url, want) in &cases {
+        let started = std::time::Instant::now();
+        let cache = dir
+            .path()
+            .join(format!("cache-{}", sha256_hex(url.as_bytes())));
+        let out = fetch_into(
+            url,
+            &cache,
+            &["--insecure-registries", &host, "--timeout", "5s"],
+            &[],
+        );
+        let took = started.elapsed();
+        assert!(!out.status.success(), "{url}: {}", text(&out));
+        assert!(
+            text(&out).contains(want),
+            "{url}: want {want:?} in {}",
+            text(&out)
+        );
+        assert!(
+            took < std::time::Duration::from_secs(15),
+            "{url}: took {took:?}"
+        );
+        let modules = cache.join("modules");
+        let stored = std::fs::read_dir(&modules).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(stored, 0, "{url}: a module was stored");
+    }
+    // The index with 10 000 entries cost at most 16 child manifest requests.
+    let children = reg
+        .requests()
+        .iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/v2/huge-index/p/manifests/sha256:"))
+        })
+        .count();
+    assert!(children <= 16, "{children} child manifests pulled");
 }

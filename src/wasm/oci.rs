@@ -41,6 +41,11 @@ const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gz
 const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
+/// Index entries whose manifests are pulled, at most, looking for a module.
+const MAX_INDEX_TRIES: usize = 16;
+/// More layers than this in one manifest is not a Wasm image.
+const MAX_LAYERS: usize = 256;
+
 const ACCEPT: &[&str] = &[
     OCI_IMAGE_MEDIA_TYPE,
     IMAGE_MANIFEST_MEDIA_TYPE,
@@ -138,6 +143,12 @@ fn is_transport(e: &OciDistributionError) -> bool {
 }
 
 fn find_layer(m: &RawManifest) -> Result<(RawDesc, Extract), String> {
+    if m.layers.len() > MAX_LAYERS {
+        return Err(format!(
+            "the manifest lists {} layers, more than the {MAX_LAYERS} a Wasm image may have",
+            m.layers.len()
+        ));
+    }
     if let Some(l) = m
         .layers
         .iter()
@@ -366,7 +377,14 @@ impl OciFetcher {
             return self.resolved(client, reference, layer, extract, digest, None, shown);
         }
         let mut why = Vec::new();
-        for entry in candidates(&top) {
+        let all = candidates(&top);
+        if all.len() > MAX_INDEX_TRIES {
+            why.push(format!(
+                "{} entries; only the first {MAX_INDEX_TRIES} are tried",
+                all.len()
+            ));
+        }
+        for entry in all.into_iter().take(MAX_INDEX_TRIES) {
             let child = reference.clone_with_digest(entry.digest.clone());
             let (raw, child_digest) = client
                 .pull_manifest_raw(&child, auth, ACCEPT)

@@ -314,7 +314,6 @@ fn hostile_registries_get_clear_errors_in_bounded_time() {
     let dir = tempfile::tempdir().unwrap();
     let reg = hostile_registry(dir.path());
     let host = format!("127.0.0.1:{}", reg.port);
-    let wasm_digest = format!("sha256:{}", sha256_hex(b"\0asm\x01\0\0\0"));
     let cases: Vec<(String, &str)> = vec![
         (
             format!("oci://{host}/many-layers/p:1.0"),

@@ -188,19 +188,25 @@ async fn sotw_ttl_wrappers_pass_when_empty_and_convert_with_their_ttl() {
     assert!(reply.error_detail.is_none(), "no NACK: {reply:?}");
 }
 
-#[tokio::test]
-async fn a_sotw_subscription_change_during_a_failing_conversion_reaches_upstream() {
+/// A module server with `good.wasm` and the same module at `stalled`, answered after `delay`.
+async fn good_and_stalled(tag: &str, stalled: &str, delay: Duration) -> ModuleServer {
     let srv = ModuleServer::start().await;
-    let w = module("sub");
+    let w = module(tag);
     srv.put("good.wasm", w.clone());
     srv.set(
-        "slow.wasm",
+        stalled,
         Route {
             body: w,
-            delay: Duration::from_secs(60),
+            delay,
             ..Default::default()
         },
     );
+    srv
+}
+
+#[tokio::test]
+async fn a_sotw_subscription_change_during_a_failing_conversion_reaches_upstream() {
+    let srv = good_and_stalled("sub", "slow.wasm", Duration::from_secs(60)).await;
     let mut cp = ControlPlane::start().await;
     let agent = agent(&cp, &[]).await;
     let (mut envoy, mut up) = sotw_ecds(&agent, &mut cp, &["a"]).await;
@@ -471,17 +477,7 @@ async fn an_oversized_response_ends_the_stream_with_resource_exhausted() {
 
 #[tokio::test]
 async fn a_newer_push_abandons_a_stalled_conversion() {
-    let srv = ModuleServer::start().await;
-    let w = module("newer");
-    srv.put("good.wasm", w.clone());
-    srv.set(
-        "stall.wasm",
-        Route {
-            body: w,
-            delay: Duration::from_secs(120),
-            ..Default::default()
-        },
-    );
+    let srv = good_and_stalled("newer", "stall.wasm", Duration::from_secs(120)).await;
     let mut cp = ControlPlane::start().await;
     let agent = agent(&cp, &[]).await;
     let (mut envoy, mut up) = sotw_ecds(&agent, &mut cp, &["a"]).await;

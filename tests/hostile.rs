@@ -330,6 +330,14 @@ fn hostile_registries_get_clear_errors_in_bounded_time() {
         (format!("oci://{host}/lie-blob/p:1.0"), "layer"),
         (format!("oci://{host}/html/p:1.0"), "manifest"),
         (format!("oci://{host}/stall/p:1.0"), "timed out"),
+        (
+            format!("oci://{host}/huge/p:1.0"),
+            "over the 4194304-byte limit",
+        ),
+        (
+            format!("oci://{host}/endless/p:1.0"),
+            "over the 4194304-byte limit",
+        ),
     ];
     for (url, want) in &cases {
         let started = std::time::Instant::now();

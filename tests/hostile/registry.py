@@ -7,6 +7,8 @@ The repository name picks the misbehaviour (tag "1.0" for all):
   lie-blob/*      the module layer's bytes do not match its digest
   html/*          the manifest comes as text/html
   stall/*         manifest headers sent, then the body never comes
+  huge/*          a 100 MiB manifest (with Content-Length)
+  endless/*       a manifest body that keeps coming (no Content-Length, 100 MiB until close)
 Every request is logged as a JSON line to --log. Prints the port on stdout.
 """
 import argparse
@@ -92,6 +94,22 @@ def main():
                 return self.send(200, plain, OCI_MANIFEST, [("Docker-Content-Digest", ref)])
             if kind == "html":
                 return self.send(200, b"<html>not a manifest</html>", "text/html")
+            if kind == "huge":
+                body = b'{"schemaVersion":2,"x":"' + b"a" * (100 << 20) + b'"}'
+                return self.send(200, body, OCI_MANIFEST)
+            if kind == "endless":
+                self.send_response(200)
+                self.send_header("Content-Type", OCI_MANIFEST)
+                self.send_header("Connection", "close")
+                self.end_headers()
+                chunk = b"a" * (1 << 20)
+                try:
+                    for _ in range(100):
+                        self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+                return
             if kind == "stall":
                 self.send_response(200)
                 self.send_header("Content-Type", OCI_MANIFEST)

@@ -77,6 +77,19 @@ demo: deps build
 	-@$(MAKE) -s envoy || echo "demo: Envoy could not be installed; the demo will show the ECDS exchange only"
 	ENVOY_BIN=$(ENVOY) ./scripts/demo.sh
 
+## Fuzzing with cargo fuzz (libFuzzer) on the stable toolchain (RUSTC_BOOTSTRAP=1), each target for
+## FUZZ_SECONDS; new inputs land in fuzz/corpus/<target>, crashes in fuzz/artifacts/<target>.
+## `make test` replays the corpora and fuzz/regressions/ (tests/fuzz_corpus.rs) without libFuzzer.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS := ecds_resource typed_struct oci_manifest unbox docker_config url wasm_validate
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t && \
+	  RUSTFLAGS="--cap-lints warn" RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O --fuzz-dir . $$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 || exit 1; \
+	done
+
 ## The container image: FROM scratch with buildah (vfs, chroot), pushed to a local
 ## docker-registry with skopeo, then unpacked with umoci and run under chroot to prove it.
 image:

@@ -23,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod ecds;
 pub mod errors;
+pub mod fuzzing;
 pub mod proto;
 pub mod wasm;
 pub mod xds;

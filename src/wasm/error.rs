@@ -101,11 +101,23 @@ impl FetchError {
 /// A URL fit for logs and NACKs: no user-info, no query string (pre-signed URLs carry tokens).
 pub fn redact(url: &str) -> String {
     let Ok(mut u) = reqwest::Url::parse(url) else {
-        // Not parseable: drop anything after '?' and any user-info before '@'.
-        let no_query = url.split('?').next().unwrap_or(url);
-        return match (no_query.find("://"), no_query.rfind('@')) {
-            (Some(s), Some(a)) if a > s => format!("{}{}", &no_query[..s + 3], &no_query[a + 1..]),
+        // Not parseable: drop anything after '?' or '#', and anything up to the last '@' after
+        // the scheme (user-info), with or without "//" (parsers forgive a missing one).
+        let no_query = url.split(['?', '#']).next().unwrap_or(url);
+        let after_scheme = no_query
+            .find("://")
+            .map(|i| i + 3)
+            .or_else(|| no_query.find(':').map(|i| i + 1));
+        let cut = match (after_scheme, no_query.rfind('@')) {
+            (Some(p), Some(a)) if a >= p => format!("{}{}", &no_query[..p], &no_query[a + 1..]),
             _ => no_query.to_owned(),
+        };
+        // Whatever a URL parser still reads as user-info goes too (found by fuzzing).
+        return match reqwest::Url::parse(&cut) {
+            Ok(again) if !again.username().is_empty() || again.password().is_some() => {
+                redact(again.as_str())
+            }
+            _ => cut,
         };
     };
     let _ = u.set_username("");

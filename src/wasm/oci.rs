@@ -167,6 +167,22 @@ fn find_layer(m: &RawManifest) -> Result<(RawDesc, Extract), String> {
     }
 }
 
+/// Layer selection on raw manifest JSON, as the fetcher does it: for an image manifest the
+/// digest of the layer holding the module; for an index the digests of the entries to try, in
+/// order. Pure; exposed for the fuzzer and tests.
+pub fn select_layer(manifest: &[u8]) -> Result<Vec<String>, String> {
+    let m: RawManifest =
+        serde_json::from_slice(manifest).map_err(|e| format!("unparseable manifest: {e}"))?;
+    if m.manifests.is_empty() {
+        return find_layer(&m).map(|(l, _)| vec![l.digest]);
+    }
+    Ok(candidates(&m)
+        .into_iter()
+        .take(MAX_INDEX_TRIES)
+        .map(|d| d.digest)
+        .collect())
+}
+
 /// Index entries in the order they are tried.
 fn candidates(index: &RawManifest) -> Vec<RawDesc> {
     let wasmish = |d: &RawDesc| {

@@ -512,21 +512,8 @@ impl OciFetcher {
             let Some(sig) = layer.annotations.get(signature::SIGNATURE_ANNOTATION) else {
                 continue;
             };
-            if layer.size < 0 || layer.size as u64 > MAX_PAYLOAD {
-                continue;
-            }
-            let mut sink = VecSink {
-                buf: Vec::new(),
-                limit: MAX_PAYLOAD,
-            };
-            let desc = OciDescriptor {
-                media_type: layer.media_type.clone(),
-                digest: layer.digest.clone(),
-                size: layer.size,
-                ..Default::default()
-            };
-            if r.client.pull_blob(&sig_ref, &desc, &mut sink).await.is_ok() {
-                out.push((sink.buf, sig.clone()));
+            if let Some(payload) = small_blob(&r.client, &sig_ref, layer, MAX_PAYLOAD).await {
+                out.push((payload, sig.clone()));
             }
         }
         if out.is_empty() {
@@ -590,24 +577,8 @@ impl OciFetcher {
             {
                 continue;
             }
-            for layer in m
-                .layers
-                .iter()
-                .filter(|l| l.size >= 0 && l.size as u64 <= MAX_BUNDLE)
-            {
-                let mut sink = VecSink {
-                    buf: Vec::new(),
-                    limit: MAX_BUNDLE,
-                };
-                let desc = OciDescriptor {
-                    media_type: layer.media_type.clone(),
-                    digest: layer.digest.clone(),
-                    size: layer.size,
-                    ..Default::default()
-                };
-                if r.client.pull_blob(&at, &desc, &mut sink).await.is_ok() {
-                    out.push(sink.buf);
-                }
+            for layer in &m.layers {
+                out.extend(small_blob(&r.client, &at, layer, MAX_BUNDLE).await);
             }
         }
         if out.is_empty() {
@@ -668,6 +639,31 @@ impl OciFetcher {
             .map_err(|e| layout(format!("extraction task failed: {e}")))?
             .map_err(layout)
     }
+}
+
+/// A small blob (a signature payload, a bundle) read into memory: `None` when its descriptor
+/// declares more than `limit` bytes, or the pull fails (digest-checked by the client, capped).
+async fn small_blob(
+    client: &Client,
+    reference: &Reference,
+    layer: &RawDesc,
+    limit: u64,
+) -> Option<Vec<u8>> {
+    if layer.size < 0 || layer.size as u64 > limit {
+        return None;
+    }
+    let mut sink = VecSink {
+        buf: Vec::new(),
+        limit,
+    };
+    let desc = OciDescriptor {
+        media_type: layer.media_type.clone(),
+        digest: layer.digest.clone(),
+        size: layer.size,
+        ..Default::default()
+    };
+    client.pull_blob(reference, &desc, &mut sink).await.ok()?;
+    Some(sink.buf)
 }
 
 /// An `AsyncWrite` into memory that fails past `limit` bytes (small blobs: signature payloads).

@@ -301,38 +301,41 @@ impl Cache {
             .index_digest
             .iter()
             .chain(std::iter::once(&resolved.digest));
+        // The first check that passes wins; every failure is kept for the message.
+        let mut passed = |form: &str, digest: &str, checks: Vec<Result<String, String>>| {
+            for check in checks {
+                match check {
+                    Ok(key) => {
+                        tracing::info!(url = %shown, %digest, key, "signature ({form}) verified");
+                        counter!(m::SIGNATURE_CHECKS, "result" => "verified").increment(1);
+                        return true;
+                    }
+                    Err(e) => why.push(e),
+                }
+            }
+            false
+        };
         for digest in digests {
             // OCI 1.1 referrers: sigstore bundles (cosign v3's default).
             match self.oci.bundles(resolved, digest).await {
                 Ok(bundles) => {
-                    for b in bundles {
-                        match verify_bundle(&b, keys, digest) {
-                            Ok(key) => {
-                                tracing::info!(url = %shown, %digest, key, "signature (sigstore bundle) verified");
-                                counter!(m::SIGNATURE_CHECKS, "result" => "verified").increment(1);
-                                return Ok(());
-                            }
-                            Err(e) => why.push(e),
-                        }
+                    let checks = bundles.iter().map(|b| verify_bundle(b, keys, digest));
+                    if passed("sigstore bundle", digest, checks.collect()) {
+                        return Ok(());
                     }
                 }
                 Err(e) => tracing::debug!(url = %shown, error = %e, "no sigstore bundle"),
             }
             // Cosign's legacy layout: the sha256-<hex>.sig tag.
-            match self.oci.signatures(resolved, digest).await {
-                Ok(sigs) => {
-                    for (payload, sig) in sigs {
-                        match verify_payload(&payload, &sig, keys, digest) {
-                            Ok(key) => {
-                                tracing::info!(url = %shown, %digest, key, "signature verified");
-                                counter!(m::SIGNATURE_CHECKS, "result" => "verified").increment(1);
-                                return Ok(());
-                            }
-                            Err(e) => why.push(e),
-                        }
-                    }
-                }
-                Err(e) => why.push(e),
+            let checks = match self.oci.signatures(resolved, digest).await {
+                Ok(sigs) => sigs
+                    .iter()
+                    .map(|(payload, sig)| verify_payload(payload, sig, keys, digest))
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
+            if passed("legacy .sig", digest, checks) {
+                return Ok(());
             }
         }
         why.dedup();

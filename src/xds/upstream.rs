@@ -181,6 +181,16 @@ impl Upstream {
 
     /// The endpoint for a new connection, rebuilt if the TLS files changed.
     async fn endpoint(&self) -> Endpoint {
+        if self.tls.ca.is_none() && self.tls.client_cert.is_none() && self.tls.client_key.is_none()
+        {
+            // No files to watch: nothing to re-read on each connect.
+            return self
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .clone();
+        }
         let tls = self.tls.clone();
         let fresh = match tokio::task::spawn_blocking(move || tls.read_files()).await {
             Ok(Ok(f)) => Some(f),

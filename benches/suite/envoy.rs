@@ -1,0 +1,383 @@
+//! 4. Envoy's own remote fetch as the peer. Real Envoy 1.40 (V8) with a static listener whose
+//!    Wasm filter comes over ECDS from the benchmark's control plane:
+//!    * native: the ECDS resource keeps its `remote` HTTP code source and Envoy downloads the
+//!      module itself (cluster `modules`);
+//!    * agent: the same resource through ecds-agent, which delivers `local.filename`.
+//!
+//! Measured: the time from the moment the control plane sends the ECDS response until the
+//! filter answers a request (the basic-auth plugin's first 401) — on first load, on a re-push
+//! of the same module with a new plugin configuration (a new path becomes protected), and after
+//! an Envoy restart (the agent and its cache stay up, as pilot-agent does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::{
+    async_data_source, http_uri, AsyncDataSource, HttpUri, RemoteDataSource,
+};
+use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+use envoy_types::pb::envoy::extensions::wasm::v3::{plugin_config, PluginConfig, VmConfig};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, StringValue};
+use prost::{Message, Name};
+
+use crate::fetch::BlobServer;
+use crate::passthrough::rss_mib;
+use crate::report::{self, Sample};
+use crate::support::res::{any, tec, ECDS};
+use crate::support::xds::{ecds_resp, CpSotw};
+use crate::support::{free_port, Agent, ControlPlane};
+use crate::Mode;
+
+const FILTER: &str = "bench.basic-auth";
+
+pub fn envoy_bin() -> PathBuf {
+    std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
+}
+
+/// basic_auth.wasm padded with a custom section to `size` bytes (at least its own size).
+fn plugin(size: usize) -> Vec<u8> {
+    let mut m = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/plugins/basic_auth/basic_auth.wasm"),
+    )
+    .expect("basic_auth.wasm");
+    if size > m.len() + 16 {
+        let pad = crate::fetch::module_of_size(size - m.len() + 8);
+        m.extend_from_slice(&pad[8..]); // its custom section, without the header
+    }
+    m
+}
+
+fn resource(url: &str, sha: &str, prefix: &str) -> Any {
+    let config = serde_json::json!({"basic_auth_rules": [{
+        "prefix": prefix, "request_methods": ["GET"], "credentials": ["ok:test"]}]});
+    let pc = PluginConfig {
+        name: FILTER.into(),
+        root_id: "basic_auth_root".into(),
+        configuration: Some(Any {
+            type_url: StringValue::type_url(),
+            value: StringValue {
+                value: config.to_string(),
+            }
+            .encode_to_vec(),
+        }),
+        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
+            runtime: "envoy.wasm.runtime.v8".into(),
+            code: Some(AsyncDataSource {
+                specifier: Some(async_data_source::Specifier::Remote(RemoteDataSource {
+                    http_uri: Some(HttpUri {
+                        uri: url.into(),
+                        timeout: Some(PbDuration {
+                            seconds: 60,
+                            nanos: 0,
+                        }),
+                        http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(
+                            "modules".into(),
+                        )),
+                    }),
+                    sha256: sha.into(),
+                    retry_policy: None,
+                })),
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    tec(FILTER, any(&Wasm { config: Some(pc) }))
+}
+
+fn bootstrap(xds_port: u16, http_port: u16, admin_port: u16, modules: &str) -> String {
+    let (mhost, mport) = modules.split_once(':').unwrap_or(("127.0.0.1", "80"));
+    format!(
+        r#"node: {{id: "sidecar~127.0.0.1~bench.default~default.svc.cluster.local", cluster: bench}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
+static_resources:
+  listeners:
+  - name: http
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {http_port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: ok}}}}}}]
+          http_filters:
+          - name: {FILTER}
+            config_discovery:
+              config_source: {{ads: {{}}, resource_api_version: V3, initial_fetch_timeout: 0s}}
+              type_urls: [type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm]
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}}}]}}]
+  - name: modules
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: modules
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {mhost}, port_value: {mport}}}}}}}}}]}}]
+"#
+    )
+}
+
+struct Envoy {
+    child: Child,
+    log: PathBuf,
+    http: u16,
+}
+
+impl Envoy {
+    fn start(dir: &Path, xds_port: u16, modules: &str, n: usize) -> Envoy {
+        let http = free_port();
+        let boot = dir.join(format!("envoy-{n}.yaml"));
+        std::fs::write(&boot, bootstrap(xds_port, http, free_port(), modules)).expect("bootstrap");
+        let log = dir.join(format!("envoy-{n}.log"));
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&boot)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+                "--base-id",
+            ])
+            .arg((std::process::id() as usize * 100 + n).to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("envoy log"))
+            .spawn()
+            .expect("spawn envoy (make envoy)");
+        Envoy { child, log, http }
+    }
+
+    /// Polls GET `path` (a new connection each time) until it answers 401; the instant it did.
+    async fn until_401(&self, path: &str) -> Instant {
+        let c = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("client");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(r) = c
+                .get(format!("http://127.0.0.1:{}{path}", self.http))
+                .send()
+                .await
+            {
+                if r.status().as_u16() == 401 {
+                    return Instant::now();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!(
+            "Envoy never answered 401 on {path}:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The next request of `s` that is an ECDS request.
+async fn ecds_request(s: &mut CpSotw) {
+    loop {
+        let r = s.recv().await;
+        if r.type_url == ECDS {
+            return;
+        }
+    }
+}
+
+struct Times {
+    first: Duration,
+    repush: Duration,
+    restart: Duration,
+    idle_rss: Option<f64>,
+}
+
+async fn one_run(size: usize, via_agent: bool, srv: &BlobServer) -> Times {
+    let dir = crate::tempdir();
+    let wasm = plugin(size);
+    let sha = crate::support::registry::sha256_hex(&wasm);
+    let url = srv.put(
+        &format!("plugin-{size}-{}.wasm", rand::random::<u32>()),
+        wasm,
+    );
+    let mut cp = ControlPlane::start().await;
+    let agent = if via_agent {
+        Some(
+            Agent::builder(&cp.url())
+                .env(
+                    "RUST_LOG",
+                    &std::env::var("ECDS_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .cache_dir(&dir.path().join("cache"))
+                .start()
+                .await,
+        )
+    } else {
+        None
+    };
+    let xds_addr = match &agent {
+        Some(a) => a.listen.clone(),
+        None => cp.url(),
+    };
+    let xds_port: u16 = xds_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("xds port");
+    let modules = srv.addr.to_string();
+
+    // First load.
+    let envoy = Envoy::start(dir.path(), xds_port, &modules, 0);
+    let mut s = cp.next_sotw().await;
+    ecds_request(&mut s).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    s.send(ecds_resp(
+        "1",
+        "n1",
+        vec![resource(&url, &sha, "/productpage")],
+    ));
+    let first = envoy.until_401("/productpage").await - t0;
+    let idle_rss = match &agent {
+        Some(a) => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Some(rss_mib(a.pid()).1)
+        }
+        None => None,
+    };
+
+    // Re-push of the same module, new configuration.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    s.send(ecds_resp("2", "n2", vec![resource(&url, &sha, "/p2")]));
+    let repush = envoy.until_401("/p2").await - t0;
+    drop(envoy);
+    drop(s);
+
+    // Envoy restarts; the agent (and its cache) stays.
+    let envoy = Envoy::start(dir.path(), xds_port, &modules, 1);
+    let mut s = cp.next_sotw().await;
+    ecds_request(&mut s).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    s.send(ecds_resp(
+        "3",
+        "n3",
+        vec![resource(&url, &sha, "/productpage")],
+    ));
+    let restart = envoy.until_401("/productpage").await - t0;
+    drop(envoy);
+    if let (Some(a), Ok(_)) = (&agent, std::env::var("ECDS_BENCH_AGENT_LOG")) {
+        eprintln!("--- agent log\n{}", a.log_text());
+    }
+    Times {
+        first,
+        repush,
+        restart,
+        idle_rss,
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub async fn run(mode: Mode) -> Vec<Sample> {
+    if !envoy_bin().exists() {
+        eprintln!(
+            "envoy bench: no Envoy at {} (make envoy)",
+            envoy_bin().display()
+        );
+        return vec![];
+    }
+    let (sizes, reps): (&[(usize, &str)], usize) = match mode {
+        Mode::Full => (&[(20 << 10, "20 KiB"), (20 << 20, "20 MiB")], 5),
+        Mode::Smoke => (&[(20 << 10, "20 KiB")], 1),
+    };
+    let srv = BlobServer::start().await;
+    let mut out = vec![];
+    let mut idle = vec![];
+    for &(size, label) in sizes {
+        let mut runs = [vec![], vec![]];
+        for _ in 0..reps {
+            for (k, via) in [false, true].into_iter().enumerate() {
+                let t = one_run(size, via, &srv).await;
+                if let Some(r) = t.idle_rss {
+                    idle.push(r);
+                }
+                runs[k].push(t);
+            }
+        }
+        let pick = |k: usize, f: fn(&Times) -> Duration| median(runs[k].iter().map(f).collect());
+        for (what, f, goal, limit) in [
+            (
+                "first load",
+                (|t: &Times| t.first) as fn(&Times) -> Duration,
+                "≤ 1.1×",
+                1.1,
+            ),
+            ("re-push, same module", |t: &Times| t.repush, "< 1.0×", 1.0),
+            ("after Envoy restart", |t: &Times| t.restart, "< 1.0×", 1.0),
+        ] {
+            let (native, agent) = (pick(0, f), pick(1, f));
+            let r = report::ratio(agent, native);
+            out.push(Sample {
+                section: "Envoy remote fetch",
+                case: format!("{label} module, {what}"),
+                agent: report::ms(agent),
+                peer: format!("Envoy native remote {}", report::ms(native)),
+                ratio: Some(r),
+                goal: goal.into(),
+                met: Some(if limit < 1.05 { r < limit } else { r <= limit }),
+                rss_mib: None,
+            });
+        }
+    }
+    if !idle.is_empty() {
+        idle.sort_by(|a, b| a.total_cmp(b));
+        let r = idle[idle.len() / 2];
+        out.push(Sample {
+            section: "RSS",
+            case: "idle, one real Envoy stream, module delivered".into(),
+            agent: format!("{r:.1} MiB"),
+            peer: "Istio's agent: about 24 MiB".into(),
+            ratio: Some(r / 24.0),
+            goal: "< 15 MiB".into(),
+            met: Some(r < 15.0),
+            rss_mib: Some(r),
+        });
+    }
+    out
+}

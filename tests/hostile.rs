@@ -289,12 +289,17 @@ fn an_unsafe_bearer_realm_gets_no_credentials() {
 
 /// Starts tests/hostile/registry.py (a misbehaving registry).
 fn hostile_registry(dir: &Path) -> Py {
-    let log = dir.join("registry-requests.jsonl");
+    hostile_registry_with(dir, &[])
+}
+
+fn hostile_registry_with(dir: &Path, extra: &[&str]) -> Py {
+    let log = dir.join(format!("registry-requests{}.jsonl", extra.join("-")));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hostile/registry.py");
     let mut child = Command::new(python())
         .arg(script)
         .arg("--log")
         .arg(&log)
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3");
@@ -338,6 +343,7 @@ fn hostile_registries_get_clear_errors_in_bounded_time() {
             format!("oci://{host}/endless/p:1.0"),
             "over the 4194304-byte limit",
         ),
+        (format!("oci://{host}/stall-blob/p:1.0"), "timed out"),
     ];
     for (url, want) in &cases {
         let started = std::time::Instant::now();
@@ -376,4 +382,92 @@ fn hostile_registries_get_clear_errors_in_bounded_time() {
         })
         .count();
     assert!(children <= 16, "{children} child manifests pulled");
+}
+
+/// Token endpoints that never answer, stall after the headers, or answer with 100 MiB: each a
+/// clear error within the fetch deadline, nothing stored, memory bounded (the body cap).
+#[test]
+fn hostile_token_endpoints_fail_clearly_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    for (mode, want) in [
+        ("silent", "timed out"),
+        ("stall", "timed out"),
+        ("huge", "over the 4194304-byte limit"),
+    ] {
+        let reg = hostile_registry_with(dir.path(), &["--token", mode]);
+        let host = format!("127.0.0.1:{}", reg.port);
+        let proxy = format!("http://{host}");
+        let cache = dir.path().join(format!("cache-{mode}"));
+        let started = std::time::Instant::now();
+        let out = fetch_into(
+            &format!("oci://{host}/team/p:1.0"),
+            &cache,
+            &["--insecure-registries", &host, "--timeout", "5s"],
+            &[
+                ("HTTP_PROXY", &proxy),
+                ("http_proxy", &proxy),
+                ("NO_PROXY", ""),
+            ],
+        );
+        let took = started.elapsed();
+        let t = text(&out);
+        assert!(!out.status.success(), "{mode}: {t}");
+        assert!(t.contains(want), "{mode}: want {want:?} in {t}");
+        assert!(
+            took < std::time::Duration::from_secs(15),
+            "{mode}: took {took:?}"
+        );
+        let token_requests = reg
+            .requests()
+            .iter()
+            .filter(|r| {
+                r["path"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("tokens.hostile.test"))
+            })
+            .count();
+        assert!(
+            token_requests >= 1,
+            "{mode}: the token endpoint was never asked: {t}"
+        );
+        let stored = std::fs::read_dir(cache.join("modules"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(stored, 0, "{mode}: a module was stored");
+    }
+}
+
+/// Redirects oci-client follows by itself (a registry sending the layer download to object
+/// storage) meet the same guard: followed to an allowed host, refused to a blocked one.
+#[test]
+fn blob_redirects_inside_the_oci_client_meet_the_ssrf_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = hostile_registry(dir.path());
+    let host = format!("127.0.0.1:{}", reg.port);
+    let env = [("BLOCKED_CIDRS_IN_WASM_FETCH", "127.0.0.2/32")];
+    let ok = fetch_into(
+        &format!("oci://{host}/to-storage/p:1.0"),
+        &dir.path().join("cache-ok"),
+        &["--insecure-registries", &host, "--timeout", "5s"],
+        &env,
+    );
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(reg.requests().iter().any(|r| r["path"] == "/storage/wasm"));
+    let cache = dir.path().join("cache-blocked");
+    let out = fetch_into(
+        &format!("oci://{host}/to-blocked/p:1.0"),
+        &cache,
+        &["--insecure-registries", &host, "--timeout", "5s"],
+        &env,
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("127.0.0.2 is a blocked address (SSRF guard)"),
+        "{}",
+        text(&out)
+    );
+    let stored = std::fs::read_dir(cache.join("modules"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(stored, 0);
 }

@@ -260,6 +260,44 @@ pub fn next_hop(
     Ok(next)
 }
 
+/// The redirect policy of clients that follow redirects themselves (oci-client's blob
+/// downloads): [`next_hop`]'s rules, blocked IP literals (names meet [`GuardedResolver`]),
+/// at most [`MAX_REDIRECTS`] hops, and a client that skips TLS verification for a listed host
+/// does not follow a redirect to a host that is not listed (it would skip it there too).
+pub fn redirect_policy(
+    blocked: Blocklist,
+    tls: FetchTls,
+    skip_verify: bool,
+) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        let previous = attempt.previous();
+        if previous.len() > MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        let next = attempt.url().clone();
+        let Some(current) = previous.last().cloned() else {
+            return attempt.follow();
+        };
+        let seen = &previous[..previous.len() - 1];
+        if let Err(e) = next_hop(&current, next.as_str(), &tls, seen)
+            .and_then(|n| check_literal(&n, &blocked).map(|()| n))
+        {
+            return attempt.error(e);
+        }
+        if skip_verify
+            && next.scheme() == "https"
+            && host_port(&next) != host_port(&previous[0])
+            && !tls.is_insecure(&host_port(&next))
+        {
+            return attempt.error(format!(
+                "redirect from a registry listed insecure to {}, which is not listed, refused",
+                super::error::redact(next.as_str())
+            ));
+        }
+        attempt.follow()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -299,6 +299,15 @@ impl OciFetcher {
                 .collect(),
             platform_resolver: None,
             connect_timeout: Some(std::time::Duration::from_secs(10)),
+            // Redirects oci-client follows itself (blob downloads sent to object storage)
+            // meet the same guard as the HTTP fetcher's: blocked addresses at every dial,
+            // the hop rules at every redirect.
+            dns_resolver: Some(std::sync::Arc::new(GuardedResolver(self.blocked.clone()))),
+            redirect_policy: Some(guard::redirect_policy(
+                self.blocked.clone(),
+                self.tls.clone(),
+                skip_verify,
+            )),
             ..Default::default()
         })
     }
@@ -351,10 +360,22 @@ impl OciFetcher {
                     return Ok(resolved);
                 }
                 Err(e) if is_auth(&e) => {
+                    // oci-client drops the reason a token request failed and retries
+                    // without one; ask once more so the error names it (a token endpoint
+                    // answering garbage or an oversized body).
+                    let reason = match client
+                        .auth(&reference, &auth, oci_client::RegistryOperation::Pull)
+                        .await
+                    {
+                        Err(te) => {
+                            format!("{}; token request: {}", oci_reason(&e), oci_reason(&te))
+                        }
+                        Ok(_) => oci_reason(&e),
+                    };
                     return Err(FetchError::Auth {
                         url: shown.to_owned(),
-                        reason: oci_reason(&e),
-                    })
+                        reason,
+                    });
                 }
                 Err(e) if is_transport(&e) => {
                     failures.push(format!(

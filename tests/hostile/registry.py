@@ -9,6 +9,14 @@ The repository name picks the misbehaviour (tag "1.0" for all):
   stall/*         manifest headers sent, then the body never comes
   huge/*          a 100 MiB manifest (with Content-Length)
   endless/*       a manifest body that keeps coming (no Content-Length, 100 MiB until close)
+  stall-blob/*    a good manifest; the layer's headers sent, then the body never comes
+  to-storage/*    the layer answers 307 to /storage/wasm on this server (object storage)
+  to-blocked/*    the layer answers 307 to 127.0.0.2 (the test puts it on the block list)
+With --token MODE every registry request asks for a Bearer token at
+http://tokens.hostile.test:PORT/token (a name, so the realm guard lets it through; the test
+reaches it by pointing HTTP_PROXY at this server, which also answers proxy requests), and the
+token endpoint misbehaves: `silent` never answers, `stall` sends headers and then nothing,
+`huge` answers with a 100 MiB token body.
 Every request is logged as a JSON line to --log. Prints the port on stdout.
 """
 import argparse
@@ -16,6 +24,7 @@ import hashlib
 import json
 import sys
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 WASM = b"\0asm\x01\0\0\0"
@@ -40,6 +49,7 @@ def manifest(layers):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", required=True)
+    ap.add_argument("--token", choices=["silent", "stall", "huge"])
     args = ap.parse_args()
     wasm_layer = {"mediaType": LAYER, "digest": digest(WASM), "size": len(WASM)}
     plain = manifest([wasm_layer])
@@ -52,6 +62,12 @@ def main():
             pass
 
         def send(self, code, body=b"", ctype="application/json", extra=()):
+            try:
+                self.send_raw(code, body, ctype, extra)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+
+        def send_raw(self, code, body, ctype, extra):
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -60,20 +76,56 @@ def main():
             self.end_headers()
             self.wfile.write(body)
 
+        def token(self):
+            if args.token == "silent":
+                time.sleep(60)
+                return
+            if args.token == "stall":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.flush()
+                time.sleep(60)
+                return
+            body = b'{"token":"' + b"t" * (100 << 20) + b'"}'
+            return self.send(200, body)
+
         def do_HEAD(self):
             self.do_GET()
 
         def do_GET(self):
             with open(args.log, "a") as f:
                 f.write(json.dumps({"path": self.path}) + "\n")
-            p = self.path
+            # Proxy requests come in absolute form.
+            p = urllib.parse.urlsplit(self.path).path if self.path.startswith("http") else self.path
+            if args.token and p == "/token":
+                return self.token()
+            if args.token and not self.headers.get("Authorization", "").startswith("Bearer "):
+                realm = "http://tokens.hostile.test:%d/token" % self.server.server_address[1]
+                return self.send(401, b'{"errors":[]}', extra=[
+                    ("WWW-Authenticate", 'Bearer realm="%s",service="hostile"' % realm)])
             if p == "/v2/":
                 return self.send(200, b"{}")
+            if p == "/storage/wasm":
+                return self.send(200, WASM, "application/octet-stream")
             parts = p.split("/")
             if len(parts) < 5:
                 return self.send(404)
             kind = parts[2]
             what, ref = parts[-2], parts[-1]
+            if what == "blobs" and kind in ("to-storage", "to-blocked") and ref == digest(WASM):
+                host = "127.0.0.1" if kind == "to-storage" else "127.0.0.2"
+                loc = "http://%s:%d/storage/wasm" % (host, self.server.server_address[1])
+                return self.send(307, b"", extra=[("Location", loc)])
+            if what == "blobs" and kind == "stall-blob" and ref == digest(WASM):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(WASM)))
+                self.end_headers()
+                self.wfile.flush()
+                time.sleep(60)
+                return
             if what == "blobs":
                 if kind == "lie-blob" and ref == digest(WASM):
                     return self.send(200, b"\0asm\x01\0\0\0TAMPERED", "application/octet-stream")

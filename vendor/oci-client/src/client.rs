@@ -328,9 +328,18 @@ pub trait ClientConfigSource {
 impl TryFrom<ClientConfig> for Client {
     type Error = OciDistributionError;
 
-    fn try_from(config: ClientConfig) -> std::result::Result<Self, Self::Error> {
+    fn try_from(mut config: ClientConfig) -> std::result::Result<Self, Self::Error> {
         #[allow(unused_mut)]
         let mut client_builder = reqwest::Client::builder();
+        // ecds-agent patch: the caller's resolver and redirect policy (an SSRF guard at every
+        // dial and every hop), and no Referer on redirects.
+        client_builder = client_builder.referer(false);
+        if let Some(resolver) = config.dns_resolver.take() {
+            client_builder = client_builder.dns_resolver(resolver);
+        }
+        if let Some(policy) = config.redirect_policy.take() {
+            client_builder = client_builder.redirect(policy);
+        }
         #[cfg(not(target_arch = "wasm32"))]
         let mut client_builder =
             client_builder.danger_accept_invalid_certs(config.accept_invalid_certificates);
@@ -2489,6 +2498,12 @@ pub struct ClientConfig {
     /// Which protocol the client should use
     pub protocol: ClientProtocol,
 
+    /// ecds-agent patch: the DNS resolver for every connection. Defaults to reqwest's.
+    pub dns_resolver: Option<std::sync::Arc<dyn reqwest::dns::Resolve>>,
+
+    /// ecds-agent patch: the redirect policy. Defaults to reqwest's (at most 10 hops).
+    pub redirect_policy: Option<reqwest::redirect::Policy>,
+
     /// Accept invalid hostname. Defaults to false
     #[cfg(feature = "native-tls")]
     pub accept_invalid_hostnames: bool,
@@ -2571,6 +2586,8 @@ impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             protocol: ClientProtocol::default(),
+            dns_resolver: None,
+            redirect_policy: None,
             #[cfg(feature = "native-tls")]
             accept_invalid_hostnames: false,
             accept_invalid_certificates: false,

@@ -57,9 +57,12 @@ test: test-deps plugin-check lint
 	set -o pipefail; ENVOY_BIN=$(ENVOY) RUST_BACKTRACE=0 $(CARGO) test $(FEATURES) --lib --bins --tests -- --test-threads=4 2>&1 | tee target/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log
 
-## Benchmarks: pass-through overhead, cached conversion, single-flight (release build).
-bench:
-	$(CARGO) bench --bench convert
+## Benchmarks against the physical limit and real peers (curl, skopeo, Envoy's own remote
+## fetch), release build; prints a table and writes BENCHMARKS.md + docs/bench/*.svg.
+## One section: make bench BENCH=passthrough (or convert, fetch, envoy, flight).
+BENCH ?=
+bench: test-deps
+	ENVOY_BIN=$(ENVOY) ECDS_BENCH_ONLY=$(BENCH) $(CARGO) bench --bench suite
 
 ## The proxy-wasm basic-auth plugin, built from C (checked-in .wasm must match).
 plugin: deps

@@ -260,6 +260,7 @@ async fn fetch(args: FetchArgs) -> Result<(), Failure> {
         .get(&args.url, opts)
         .await
         .map_err(|e| Failure::Runtime(anyhow::anyhow!(e)))?;
+    cache.save().await;
     println!("path: {}", module.path.display());
     println!("sha256: {}", module.sha256);
     if let Some(d) = &module.oci_digest {

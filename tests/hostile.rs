@@ -471,3 +471,85 @@ fn blob_redirects_inside_the_oci_client_meet_the_ssrf_guard() {
         .unwrap_or(0);
     assert_eq!(stored, 0);
 }
+
+/// A gzip bomb (256 MiB of zeros in ~250 KiB, against a 64 MiB cap) and a tar entry that
+/// declares 1 TiB: refused at the module cap or as a short archive, in bounded time, with nothing stored.
+#[test]
+fn gzip_bombs_and_absurd_tar_sizes_are_refused() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    // 256 MiB of zeros, gzipped.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        gz.write_all(&zeros).unwrap();
+    }
+    std::fs::write(www.join("bomb.wasm.gz"), gz.finish().unwrap()).unwrap();
+    // A tar whose only entry says it is 1 TiB long, followed by 1 KiB.
+    let mut h = tar::Header::new_gnu();
+    h.set_path("plugin.wasm").unwrap();
+    h.set_size(1 << 40);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut tar = h.as_bytes().to_vec();
+    tar.extend_from_slice(&[0u8; 1024]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    std::fs::write(www.join("absurd.tar.gz"), gz.finish().unwrap()).unwrap();
+
+    let port = support::free_port();
+    let mut srv = Command::new(python())
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "http.server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for (name, want) in [
+        ("bomb.wasm.gz", "decompresses to more than 67108864 bytes"),
+        (
+            "absurd.tar.gz",
+            "is 1099511627776 bytes, over the 67108864-byte limit",
+        ),
+    ] {
+        let cache = dir.path().join(format!("cache-{name}"));
+        let started = std::time::Instant::now();
+        let out = fetch_into(
+            &format!("http://127.0.0.1:{port}/{name}"),
+            &cache,
+            &["--timeout", "10s", "--max-module-bytes", "67108864"],
+            &[],
+        );
+        let t = text(&out);
+        assert!(!out.status.success(), "{name}: {t}");
+        assert!(t.contains(want), "{name}: want {want:?} in {t}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+        let stored = std::fs::read_dir(cache.join("modules"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(stored, 0, "{name}: a module was stored");
+    }
+    let _ = srv.kill();
+    let _ = srv.wait();
+}

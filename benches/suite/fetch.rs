@@ -129,7 +129,7 @@ fn timed(cmd: &str) -> (Duration, f64) {
 /// Median of `n` runs of `cmd(i)` (each its own fresh directory); (time, peak RSS).
 fn median(n: usize, mut cmd: impl FnMut(usize) -> String) -> (Duration, f64) {
     let mut runs: Vec<(Duration, f64)> = (0..n).map(|i| timed(&cmd(i))).collect();
-    runs.sort_by(|a, b| a.0.cmp(&b.0));
+    runs.sort_by_key(|r| r.0);
     let rss = runs.iter().fold(0.0f64, |a, r| a.max(r.1));
     (runs[n / 2].0, rss)
 }

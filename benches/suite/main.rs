@@ -11,7 +11,6 @@
 //! benchmark works, and writes its report to `target/BENCHMARKS.smoke.md`.
 
 #[path = "../../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 mod convert;

@@ -141,12 +141,15 @@ pub fn table(samples: &[Sample]) -> String {
     out
 }
 
+/// One line of a chart: label, colour, points.
+pub type Series<'a> = (String, &'a str, Vec<(f64, f64)>);
+
 /// A line chart as SVG. `series`: (label, colour, points). Log-scaled x when `log_x`.
 pub fn line_chart(
     title: &str,
     x_label: &str,
     y_label: &str,
-    series: &[(String, &str, Vec<(f64, f64)>)],
+    series: &[Series<'_>],
     log_x: bool,
 ) -> String {
     let (w, h, l, r, t, b) = (720.0, 420.0, 70.0, 200.0, 40.0, 50.0);

@@ -71,6 +71,8 @@ pub struct Cache {
     pub(super) lease: Arc<Lease>,
     state: Mutex<State>,
     save_lock: tokio::sync::Mutex<()>,
+    /// A [`Cache::save_soon`] task is queued and has not started.
+    save_queued: std::sync::atomic::AtomicBool,
 }
 
 pub(super) fn io_err(url: &str, reason: String) -> FetchError {
@@ -118,6 +120,7 @@ impl Cache {
                 ..Default::default()
             }),
             save_lock: tokio::sync::Mutex::new(()),
+            save_queued: std::sync::atomic::AtomicBool::new(false),
         });
         cache.publish_gauges();
         cache.save().await;
@@ -169,6 +172,24 @@ impl Cache {
         }
     }
 
+    /// [`Cache::save`] on a background task: saves coalesce (a save finding nothing dirty
+    /// returns at once), and whoever needs the index on disk now awaits `save` instead.
+    pub fn save_soon(self: &Arc<Self>) {
+        // One background save at a time: a hit while one is queued adds nothing to do.
+        if self
+            .save_queued
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.save_queued
+                .store(false, std::sync::atomic::Ordering::Release);
+            me.save().await
+        });
+    }
+
     /// The cached module `sha`, if its file is still there (a vanished file drops the entry).
     /// The file is looked at off the async threads and outside the state lock.
     pub(super) async fn cached(&self, sha: &str, matched: Option<Matched>) -> Option<Module> {
@@ -203,7 +224,9 @@ impl Cache {
         counter!(m::CACHE_LOOKUP_COUNT, "hit" => if hit.is_some() { "true" } else { "false" })
             .increment(1);
         if let Some(module) = hit {
-            self.save().await;
+            // A hit only refreshes what the index records (last use, URL, resource); that is
+            // written in the background so a conversion never waits for an fsync.
+            self.save_soon();
             return Ok(module);
         }
 

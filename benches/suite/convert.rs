@@ -36,6 +36,19 @@ async fn cache(dir: &std::path::Path) -> std::sync::Arc<Cache> {
     .expect("cache")
 }
 
+fn sample(case: String, micros: f64, detail: String) -> Sample {
+    Sample {
+        section: "ECDS conversion",
+        case,
+        agent: format!("{micros:.1} µs per resource{detail}"),
+        peer: "—".into(),
+        ratio: None,
+        goal: "< 50 µs".into(),
+        met: Some(micros < 50.0),
+        rss_mib: None,
+    }
+}
+
 pub async fn run(mode: Mode) -> Vec<Sample> {
     let dir = crate::tempdir();
     let c = cache(dir.path()).await;
@@ -88,16 +101,11 @@ pub async fn run(mode: Mode) -> Vec<Sample> {
         }
     }
     let first = t.elapsed().as_secs_f64() * 1e6 / resources.len() as f64;
-    out.push(Sample {
-        section: "ECDS conversion",
-        case: format!("warm cache, first conversion of each of {n_mod} resources"),
-        agent: format!("{first:.1} µs per resource"),
-        peer: "—".into(),
-        ratio: None,
-        goal: "< 50 µs".into(),
-        met: Some(first < 50.0),
-        rss_mib: None,
-    });
+    out.push(sample(
+        format!("warm cache, first conversion of each of {n_mod} resources"),
+        first,
+        String::new(),
+    ));
     for per_response in [1usize, 100] {
         let t = Instant::now();
         let mut n = 0usize;
@@ -110,16 +118,11 @@ pub async fn run(mode: Mode) -> Vec<Sample> {
             }
         }
         let per = t.elapsed().as_secs_f64() * 1e6 / n as f64;
-        out.push(Sample {
-            section: "ECDS conversion",
-            case: format!("warm cache, {per_response} resource(s) per response"),
-            agent: format!("{per:.1} µs per resource ({n} converted)"),
-            peer: "—".into(),
-            ratio: None,
-            goal: "< 50 µs".into(),
-            met: Some(per < 50.0),
-            rss_mib: None,
-        });
+        out.push(sample(
+            format!("warm cache, {per_response} resource(s) per response"),
+            per,
+            format!(" ({n} converted)"),
+        ));
     }
     let hits: usize = (0..n_mod).map(|i| srv.hits(&format!("m{i}.wasm"))).sum();
     assert_eq!(hits, n_mod, "cached conversions never touch the network");

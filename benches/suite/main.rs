@@ -41,7 +41,12 @@ fn main() {
     };
     // Select sections: ECDS_BENCH_ONLY=passthrough,fetch,...
     let only = std::env::var("ECDS_BENCH_ONLY").unwrap_or_default();
-    let want = |s: &str| only.is_empty() || only.split(',').any(|o| o == s);
+    let sections: Vec<String> = only
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    let want = move |s: &str| sections.is_empty() || sections.iter().any(|o| o == s);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,7 +83,12 @@ fn main() {
             print!("{}", report::table(&s));
             samples.extend(s);
         }
+        // Only a full run of every section replaces the published BENCHMARKS.md.
         let (md, dir) = match mode {
+            Mode::Full if !only.is_empty() => (
+                root.join(format!("target/BENCHMARKS.{}.md", only.replace(',', "+"))),
+                root.join("target/bench"),
+            ),
             Mode::Full => (root.join("BENCHMARKS.md"), root.join("docs/bench")),
             Mode::Smoke => (
                 root.join("target/BENCHMARKS.smoke.md"),
@@ -171,11 +181,14 @@ fn benchmarks_md(
         commit.lines().next().unwrap_or("?"),
         dirty,
         envoy,
-        sh("curl --version | head -1 | cut -d' ' -f1-2; skopeo --version"),
+        sh("curl --version | head -1 | cut -d' ' -f1-2; skopeo --version")
+            .lines()
+            .collect::<Vec<_>>()
+            .join(", "),
     ));
     md.push_str(
-        "Reproduce: `make bench` (all), or one section with \
-         `ECDS_BENCH_ONLY=passthrough|convert|fetch|envoy|flight cargo bench --bench suite`.\n\n",
+        "Reproduce: `make bench` (all), or one section with `make bench BENCH=passthrough` \
+         (or `convert`, `fetch`, `envoy`, `flight`; written to target/, not here).\n\n",
     );
     md.push_str("Ratio = ecds-agent ÷ peer (time): below 1.00 the agent is faster.\n\n");
     md.push_str(&report::table(samples));

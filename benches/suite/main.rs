@@ -153,7 +153,7 @@ fn benchmarks_md(
 ) -> String {
     let cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2");
     let commit = sh(&format!(
-        "cd {} && git rev-parse --short HEAD && git status --porcelain --untracked-files=no | head -1",
+        "cd {} && git rev-parse --short HEAD && git status --porcelain --untracked-files=no -- . ':!BENCHMARKS.md' ':!docs/bench' | head -1",
         root.display()
     ));
     let dirty = if commit.lines().count() > 1 {

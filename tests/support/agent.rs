@@ -7,8 +7,28 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ecds-agent");
 
-/// A free TCP port on 127.0.0.1 (bound and released).
+/// A free TCP port on 127.0.0.1 (bound and released), taken below the kernel's ephemeral
+/// range: a port from `bind(:0)` is ephemeral, so any outgoing connection of a test running in
+/// parallel could take it before the process meant to listen there binds it (seen as Envoy's
+/// "cannot bind … Address already in use"). Ports are handed out in sequence from a per-process
+/// start, so one test binary never gets the same port twice.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    if low > 12_000 {
+        let (lo, span) = (10_000u32, low - 10_000);
+        let start = std::process::id().wrapping_mul(7919) % span;
+        for _ in 0..span {
+            let p = lo + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            if TcpListener::bind(("127.0.0.1", p as u16)).is_ok() {
+                return p as u16;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -17,14 +17,11 @@ const ADMIN3: &str = "Basic YWRtaW4zOmFkbWluMw==";
 const OK_TEST: &str = "Basic b2s6dGVzdA==";
 
 fn envoy_bin() -> Option<PathBuf> {
-    let explicit = std::env::var_os("ENVOY_BIN").map(PathBuf::from);
-    let candidate = explicit
-        .clone()
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"));
+    let candidate = support::envoy::path();
     if candidate.exists() {
         return Some(candidate);
     }
-    if explicit.is_some() || std::env::var_os("CI").is_some() {
+    if std::env::var_os("ENVOY_BIN").is_some() || std::env::var_os("CI").is_some() {
         panic!(
             "Envoy not found at {} (run `make envoy`)",
             candidate.display()
@@ -155,20 +152,7 @@ impl Stack {
         .replace("@API_TYPE@", api_type);
         let boot = dir.path().join("envoy.yaml");
         std::fs::write(&boot, bootstrap).unwrap();
-        let envoy = Command::new(envoy)
-            .arg("-c")
-            .arg(&boot)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "warning",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("envoy.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let envoy = support::envoy::spawn(envoy, &boot, &dir.path().join("envoy.log"));
         Stack {
             reg,
             yaml,

@@ -15,22 +15,14 @@ use support::{Agent, ControlPlane, ModuleServer, Route};
 
 /// (VmRSS, VmHWM) in MiB, file descriptors and threads of `pid`.
 fn usage(pid: u32) -> (f64, f64, usize, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> f64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count();
     (
-        field("VmRSS:") / 1024.0,
-        field("VmHWM:") / 1024.0,
+        support::proc_mib(pid, "VmRSS"),
+        support::proc_mib(pid, "VmHWM"),
         fds,
-        field("Threads:") as usize,
+        support::proc_status(pid, "Threads").unwrap_or(0.0) as usize,
     )
 }
 

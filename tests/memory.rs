@@ -127,11 +127,7 @@ async fn fetching_a_200_mib_module_stays_under_64_mib_of_rss() {
 
 /// Peak RSS (VmHWM) of process `pid`, MiB.
 fn vm_hwm(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+    support::proc_status(pid, "VmHWM")
         .map(|kib| kib / 1024.0)
         .unwrap()
 }

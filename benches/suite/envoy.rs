@@ -10,32 +10,22 @@
 //! an Envoy restart (the agent and its cache stay up, as pilot-agent does).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::{
-    async_data_source, http_uri, AsyncDataSource, HttpUri, RemoteDataSource,
-};
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
-use envoy_types::pb::envoy::extensions::wasm::v3::{plugin_config, PluginConfig, VmConfig};
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, StringValue};
+use envoy_types::pb::google::protobuf::{Any, StringValue};
 use prost::{Message, Name};
 
 use crate::fetch::BlobServer;
 use crate::passthrough::rss_mib;
 use crate::report::{self, Sample};
-use crate::support::res::{any, tec, ECDS};
+use crate::support::res::{any, plugin_config, tec, Remote, ECDS};
 use crate::support::xds::{ecds_resp, CpSotw};
-use crate::support::{free_port, Agent, ControlPlane};
+use crate::support::{free_port, ControlPlane};
 use crate::Mode;
 
 const FILTER: &str = "bench.basic-auth";
-
-pub fn envoy_bin() -> PathBuf {
-    std::env::var_os("ENVOY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
-}
 
 /// basic_auth.wasm padded with a custom section to `size` bytes (at least its own size).
 fn plugin(size: usize) -> Vec<u8> {
@@ -44,8 +34,7 @@ fn plugin(size: usize) -> Vec<u8> {
     )
     .expect("basic_auth.wasm");
     if size > m.len() + 16 {
-        let pad = crate::fetch::module_of_size(size - m.len() + 8);
-        m.extend_from_slice(&pad[8..]); // its custom section, without the header
+        m.extend(crate::fetch::custom_section(size - m.len()));
     }
     m
 }
@@ -53,38 +42,25 @@ fn plugin(size: usize) -> Vec<u8> {
 fn resource(url: &str, sha: &str, prefix: &str) -> Any {
     let config = serde_json::json!({"basic_auth_rules": [{
         "prefix": prefix, "request_methods": ["GET"], "credentials": ["ok:test"]}]});
-    let pc = PluginConfig {
-        name: FILTER.into(),
-        root_id: "basic_auth_root".into(),
-        configuration: Some(Any {
-            type_url: StringValue::type_url(),
-            value: StringValue {
-                value: config.to_string(),
-            }
-            .encode_to_vec(),
-        }),
-        vm: Some(plugin_config::Vm::VmConfig(VmConfig {
-            runtime: "envoy.wasm.runtime.v8".into(),
-            code: Some(AsyncDataSource {
-                specifier: Some(async_data_source::Specifier::Remote(RemoteDataSource {
-                    http_uri: Some(HttpUri {
-                        uri: url.into(),
-                        timeout: Some(PbDuration {
-                            seconds: 60,
-                            nanos: 0,
-                        }),
-                        http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(
-                            "modules".into(),
-                        )),
-                    }),
-                    sha256: sha.into(),
-                    retry_policy: None,
-                })),
-            }),
+    // Envoy's native fetch goes through the `modules` cluster; the agent ignores it.
+    let mut pc = plugin_config(
+        FILTER,
+        url,
+        &Remote {
+            sha256: sha.into(),
+            timeout_secs: 60,
+            cluster: "modules".into(),
             ..Default::default()
-        })),
-        ..Default::default()
-    };
+        },
+    );
+    pc.root_id = "basic_auth_root".into();
+    pc.configuration = Some(Any {
+        type_url: StringValue::type_url(),
+        value: StringValue {
+            value: config.to_string(),
+        }
+        .encode_to_vec(),
+    });
     tec(FILTER, any(&Wasm { config: Some(pc) }))
 }
 
@@ -153,22 +129,7 @@ impl Envoy {
         let boot = dir.join(format!("envoy-{n}.yaml"));
         std::fs::write(&boot, bootstrap(xds_port, http, free_port(), modules)).expect("bootstrap");
         let log = dir.join(format!("envoy-{n}.log"));
-        let child = Command::new(envoy_bin())
-            .arg("-c")
-            .arg(&boot)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "warning",
-                "--base-id",
-            ])
-            .arg((std::process::id() as usize * 100 + n).to_string())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("envoy log"))
-            .spawn()
-            .expect("spawn envoy (make envoy)");
+        let child = crate::support::envoy::spawn(&crate::support::envoy::path(), &boot, &log);
         Envoy { child, log, http }
     }
 
@@ -234,11 +195,7 @@ async fn one_run(size: usize, via_agent: bool, srv: &BlobServer) -> Times {
     let mut cp = ControlPlane::start().await;
     let agent = if via_agent {
         Some(
-            Agent::builder(&cp.url())
-                .env(
-                    "RUST_LOG",
-                    &std::env::var("ECDS_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-                )
+            crate::agent(&cp.url())
                 .cache_dir(&dir.path().join("cache"))
                 .start()
                 .await,
@@ -315,10 +272,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 pub async fn run(mode: Mode) -> Vec<Sample> {
-    if !envoy_bin().exists() {
+    if !crate::support::envoy::path().exists() {
         eprintln!(
             "envoy bench: no Envoy at {} (make envoy)",
-            envoy_bin().display()
+            crate::support::envoy::path().display()
         );
         return vec![];
     }

@@ -17,38 +17,36 @@ use crate::report::{self, Sample};
 use crate::support::{Layout, Registry};
 use crate::Mode;
 
-/// A valid Wasm module of exactly `size` bytes: the empty module plus one custom section of
-/// pseudo-random (incompressible) bytes.
+/// A valid Wasm module of exactly `size` bytes (at least 24): the empty module plus one
+/// custom section of pseudo-random (incompressible) bytes.
 pub fn module_of_size(size: usize) -> Vec<u8> {
     let mut m = b"\0asm\x01\0\0\0".to_vec();
-    let name = b"bench";
-    // section id 0, LEB128 length, name length + name, payload
-    let fixed = m.len() + 1 + 1 + name.len();
-    let mut payload_len = size.saturating_sub(fixed + 5);
-    // adjust for the LEB128 width of the section length
-    loop {
-        let body = 1 + name.len() + payload_len;
-        let leb = leb128(body as u64);
-        let total = fixed + leb.len() + payload_len;
-        if total == size || payload_len == 0 {
-            m.push(0);
-            m.extend(leb);
-            break;
-        }
-        payload_len = (payload_len as i64 + size as i64 - total as i64).max(0) as usize;
-    }
-    m.push(name.len() as u8);
-    m.extend_from_slice(name);
+    m.extend(custom_section(size - m.len()));
+    m
+}
+
+/// A custom section named `bench` of exactly `len` bytes (at least 16), payload pseudo-random.
+pub fn custom_section(len: usize) -> Vec<u8> {
+    const NAME: &[u8] = b"bench";
+    assert!(len >= 16, "a custom section of {len} bytes");
+    // id (1 byte) + LEB128 of the body length (w bytes) + body (name length, name, payload).
+    let w = (1..=5)
+        .find(|&w| leb128((len - 1 - w) as u64).len() == w)
+        .expect("a LEB128 width that fits");
+    let mut s = Vec::with_capacity(len);
+    s.push(0);
+    s.extend(leb128((len - 1 - w) as u64));
+    s.push(NAME.len() as u8);
+    s.extend_from_slice(NAME);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    m.reserve(payload_len);
-    for _ in 0..payload_len / 8 {
+    while s.len() + 8 <= len {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        m.extend_from_slice(&x.to_le_bytes());
+        s.extend_from_slice(&x.to_le_bytes());
     }
-    m.resize(m.len() + payload_len % 8, 0x5a);
-    m
+    s.resize(len, 0x5a);
+    s
 }
 
 fn leb128(mut v: u64) -> Vec<u8> {

@@ -62,10 +62,7 @@ async fn deliver(
 pub async fn run(mode: Mode) -> Vec<Sample> {
     let srv = ModuleServer::start().await;
     let mut cp = ControlPlane::start().await;
-    let agent = Agent::builder(&cp.url())
-        .env("RUST_LOG", "warn")
-        .start()
-        .await;
+    let agent = crate::agent(&cp.url()).start().await;
     let big = crate::fetch::module_of_size(1 << 20);
     let (many, rss_streams) = match mode {
         Mode::Full => (100, 200),

@@ -163,7 +163,7 @@ fn benchmarks_md(
     };
     let envoy = sh(&format!(
         "{} --version 2>/dev/null | grep -o 'version: [^ ]*'",
-        envoy::envoy_bin().display()
+        support::envoy::path().display()
     ));
     let mut md = String::new();
     md.push_str("# Benchmarks\n\n");
@@ -206,6 +206,15 @@ const NOTES: &str = include_str!("notes.md");
 
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
+}
+
+/// The agent as every section runs it: logging at `warn`, or at `ECDS_BENCH_AGENT_LOG` when
+/// set (e.g. `ecds_agent=debug` to see where a section's time goes).
+pub fn agent(upstream_url: &str) -> support::agent::AgentBuilder {
+    support::Agent::builder(upstream_url).env(
+        "RUST_LOG",
+        &std::env::var("ECDS_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+    )
 }
 
 pub fn bin() -> PathBuf {

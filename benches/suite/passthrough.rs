@@ -16,7 +16,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
 use crate::report::{self, Sample};
-use crate::support::{free_port, Agent};
+use crate::support::{free_port, proc_mib, Agent};
 use crate::wire::{CDS, EDS};
 use crate::Mode;
 
@@ -58,23 +58,11 @@ impl Drop for CpProcess {
 
 /// Peak and current RSS of a process, MiB (VmHWM, VmRSS).
 pub fn rss_mib(pid: u32) -> (f64, f64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    (proc_mib(pid, "VmHWM"), proc_mib(pid, "VmRSS"))
 }
 
 pub async fn start_agent(upstream: &str) -> Agent {
-    Agent::builder(&format!("http://{upstream}"))
-        .env("RUST_LOG", "warn")
-        .start()
-        .await
+    crate::agent(&format!("http://{upstream}")).start().await
 }
 
 async fn client(addr: &str) -> AggregatedDiscoveryServiceClient<Channel> {

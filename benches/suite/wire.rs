@@ -205,10 +205,9 @@ impl Plane {
     }
 
     /// Serves one stream: `reqs` in, pre-encoded responses out.
-    fn serve<R, F>(self: Arc<Self>, mut reqs: tonic::Streaming<R>, delta: bool, f: F) -> Out
+    fn serve<R>(self: Arc<Self>, mut reqs: tonic::Streaming<R>, delta: bool, f: Peek<R>) -> Out
     where
         R: Message + Default + Send + 'static,
-        F: Fn(&R) -> (String, Option<String>, bool) + Send + 'static,
     {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Status>>(16);
         tokio::spawn(async move {
@@ -239,46 +238,31 @@ impl tonic::server::NamedService for RawAds {
 
 type BoxFut<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-struct Sotw(Arc<Plane>);
-struct Delta(Arc<Plane>);
+/// What [`Plane::serve`] needs of a request: type URL, first resource name, whether it is an
+/// ACK/NACK (has a response nonce).
+type Peek<R> = fn(&R) -> (String, Option<String>, bool);
 
-impl tower::Service<tonic::Request<tonic::Streaming<DiscoveryRequest>>> for Sotw {
-    type Response = tonic::Response<Out>;
-    type Error = Status;
-    type Future = BoxFut<Result<Self::Response, Status>>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, req: tonic::Request<tonic::Streaming<DiscoveryRequest>>) -> Self::Future {
-        let out = self.0.clone().serve(req.into_inner(), false, |r| {
-            (
-                r.type_url.clone(),
-                r.resource_names.first().cloned(),
-                !r.response_nonce.is_empty(),
-            )
-        });
-        Box::pin(async move { Ok(tonic::Response::new(out)) })
-    }
+/// One ADS method (SotW or Delta) over the plane.
+struct Method<R> {
+    plane: Arc<Plane>,
+    delta: bool,
+    peek: Peek<R>,
 }
 
-impl tower::Service<tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>> for Delta {
+impl<R: Message + Default + Send + 'static> tower::Service<tonic::Request<tonic::Streaming<R>>>
+    for Method<R>
+{
     type Response = tonic::Response<Out>;
     type Error = Status;
     type Future = BoxFut<Result<Self::Response, Status>>;
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
         Poll::Ready(Ok(()))
     }
-    fn call(
-        &mut self,
-        req: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
-    ) -> Self::Future {
-        let out = self.0.clone().serve(req.into_inner(), true, |r| {
-            (
-                r.type_url.clone(),
-                r.resource_names_subscribe.first().cloned(),
-                !r.response_nonce.is_empty(),
-            )
-        });
+    fn call(&mut self, req: tonic::Request<tonic::Streaming<R>>) -> Self::Future {
+        let out = self
+            .plane
+            .clone()
+            .serve(req.into_inner(), self.delta, self.peek);
         Box::pin(async move { Ok(tonic::Response::new(out)) })
     }
 }
@@ -300,11 +284,37 @@ where
             let path = req.uri().path().to_owned();
             Ok(if path.ends_with("/DeltaAggregatedResources") {
                 tonic::server::Grpc::new(RawCodec::<DeltaDiscoveryRequest>::default())
-                    .streaming(Delta(plane), req)
+                    .streaming(
+                        Method {
+                            plane,
+                            delta: true,
+                            peek: |r: &DeltaDiscoveryRequest| {
+                                (
+                                    r.type_url.clone(),
+                                    r.resource_names_subscribe.first().cloned(),
+                                    !r.response_nonce.is_empty(),
+                                )
+                            },
+                        },
+                        req,
+                    )
                     .await
             } else {
                 tonic::server::Grpc::new(RawCodec::<DiscoveryRequest>::default())
-                    .streaming(Sotw(plane), req)
+                    .streaming(
+                        Method {
+                            plane,
+                            delta: false,
+                            peek: |r: &DiscoveryRequest| {
+                                (
+                                    r.type_url.clone(),
+                                    r.resource_names.first().cloned(),
+                                    !r.response_nonce.is_empty(),
+                                )
+                            },
+                        },
+                        req,
+                    )
                     .await
             })
         })

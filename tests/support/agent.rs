@@ -36,6 +36,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A numeric field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, `Threads`, …): kB for the
+/// memory fields, a count for the others; `None` if the process or the field is gone.
+pub fn proc_status(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// `proc_status` of a memory field in MiB (0 when unreadable).
+pub fn proc_mib(pid: u32, field: &str) -> f64 {
+    proc_status(pid, field).unwrap_or(0.0) / 1024.0
+}
+
 pub struct Agent {
     child: Option<Child>,
     pub admin: String,

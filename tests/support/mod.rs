@@ -2,12 +2,13 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
+pub mod envoy;
 pub mod modsrv;
 pub mod registry;
 pub mod res;
 pub mod xds;
 
-pub use agent::{free_port, metric_value, Agent};
+pub use agent::{free_port, metric_value, proc_mib, proc_status, Agent};
 
 /// Every secret the suite hands the agent: registry passwords, a pull secret's `auth` value and
 /// URL tokens. No log line (the agent runs with `ecds_agent=trace`), admin page, metric or CLI

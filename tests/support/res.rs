@@ -59,6 +59,8 @@ pub struct Remote {
     pub fail_open: bool,
     pub network: bool,
     pub timeout_secs: i64,
+    /// The `http_uri` cluster; empty: `_` (as istiod sends: nobody fetches through it).
+    pub cluster: String,
 }
 
 pub fn plugin_config(name: &str, url: &str, o: &Remote) -> PluginConfig {
@@ -88,7 +90,14 @@ pub fn plugin_config(name: &str, url: &str, o: &Remote) -> PluginConfig {
                             },
                             nanos: 0,
                         }),
-                        http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster("_".into())),
+                        http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(
+                            if o.cluster.is_empty() {
+                                "_"
+                            } else {
+                                &o.cluster
+                            }
+                            .into(),
+                        )),
                     }),
                     sha256: o.sha256.clone(),
                     retry_policy: None,

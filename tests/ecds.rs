@@ -978,3 +978,58 @@ async fn local_code_keeps_its_file_but_loses_the_pull_secret() {
         2.0
     );
 }
+
+/// Large responses that are not ECDS are relayed as they arrive (cut-through); a large ECDS
+/// response must still be read whole and converted. Here the ECDS response is ~300 KiB (a big
+/// plugin environment), over the relay threshold, and also a large CDS response passes on the
+/// same stream before and after it.
+#[tokio::test]
+async fn a_large_ecds_response_is_still_converted_between_relayed_ones() {
+    let srv = ModuleServer::start().await;
+    let w = module("large-ecds");
+    srv.put("big.wasm", w.clone());
+    let mut cp = ControlPlane::start().await;
+    let agent = agent(&cp, &[]).await;
+    let name = "extensions.istio.io/wasmplugin/ns.big";
+    let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &[name]).await;
+    let big_value = "v".repeat(300 << 10);
+    let cds = |nonce: &str| DiscoveryResponse {
+        type_url: CDS.into(),
+        nonce: nonce.into(),
+        resources: (0..2000)
+            .map(|i| res::cluster(&format!("c{i}-{}", "x".repeat(200))))
+            .collect(),
+        ..Default::default()
+    };
+
+    up.send(cds("cds1"));
+    let got = envoy.recv().await;
+    assert_eq!((got.nonce.as_str(), got.resources.len()), ("cds1", 2000));
+    assert!(
+        got.encode_to_vec().len() > 400 << 10,
+        "large enough to be relayed"
+    );
+
+    let remote = ecds_remote(
+        name,
+        &srv.url("big.wasm"),
+        &Remote {
+            sha256: sha256_hex(&w),
+            env: env(&[("BIG", &big_value)]),
+            ..Default::default()
+        },
+    );
+    let resp = ecds_resp("v1", "e1", vec![remote]);
+    assert!(resp.encoded_len() > 300 << 10);
+    up.send(resp);
+    up.send(cds("cds2"));
+    // The CDS response does not wait for the ECDS conversion: either may come first.
+    let mut two = [envoy.recv().await, envoy.recv().await];
+    two.sort_by(|a, b| a.nonce.cmp(&b.nonce));
+    let [cds2, got] = two;
+    assert_eq!((cds2.nonce.as_str(), cds2.resources.len()), ("cds2", 2000));
+    assert_eq!((got.type_url.as_str(), got.nonce.as_str()), (ECDS, "e1"));
+    let f = local_filename(&got.resources[0]);
+    assert_eq!(file_sha(&f), sha256_hex(&w));
+    assert_eq!(vm_env(&got.resources[0]).unwrap()["BIG"], big_value);
+}

@@ -657,3 +657,77 @@ async fn xds_header_env_vars_become_upstream_metadata() {
     assert_eq!(up.metadata.get("x_tenant").unwrap(), "blue");
     assert_eq!(up.metadata.get("x-from-envoy").unwrap(), "yes");
 }
+
+/// A control plane on raw h2 that answers every ADS stream with the first `cut` bytes of a
+/// large CDS message and then resets the stream: a response broken off in the middle, which
+/// the agent is already relaying to Envoy (cut-through) when the break comes.
+async fn cut_off_control_plane(cut: usize) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(sock).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let _body = req.into_body();
+                        let resp = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let Ok(mut send) = respond.send_response(resp, false) else {
+                            return;
+                        };
+                        let msg = DiscoveryResponse {
+                            type_url: CDS.into(),
+                            nonce: "never-whole".into(),
+                            resources: vec![opaque(CDS, 2 << 20)],
+                            ..Default::default()
+                        }
+                        .encode_to_vec();
+                        let mut framed = vec![0];
+                        framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                        framed.extend_from_slice(&msg);
+                        let _ = send.send_data(framed[..cut].to_vec().into(), false);
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        send.send_reset(h2::Reason::INTERNAL_ERROR);
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    });
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_response_broken_off_mid_relay_ends_the_envoy_stream_with_a_status() {
+    let url = cut_off_control_plane(700 << 10).await;
+    let agent = Agent::builder(&url).start().await;
+    let mut client = connect_tcp(&agent.listen).await;
+    for _ in 0..2 {
+        let mut envoy = open_sotw(&mut client, &[]).await;
+        envoy.send(sotw_req(CDS, &[], "", ""));
+        let started = Instant::now();
+        // Envoy's side never sees a message (a partial one is discarded by its gRPC stack),
+        // and the stream ends with a status it reconnects on, within seconds.
+        let status = match tokio::time::timeout(Duration::from_secs(10), envoy.rx.message()).await {
+            Ok(Err(s)) => s,
+            Ok(Ok(m)) => panic!("expected the stream to fail, got {m:?}"),
+            Err(_) => panic!("the stream hung after the control plane broke off"),
+        };
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Internal | tonic::Code::Unknown
+            ),
+            "{status:?}"
+        );
+    }
+    // Both responses were counted: the agent had begun relaying them before they broke off
+    // (read whole, they would never have been counted).
+    assert!(agent.metric("istio_agent_xds_proxy_responses", "").await >= 2.0);
+}

@@ -27,6 +27,7 @@ use tracing::{info, warn, Instrument};
 
 use super::book::{Book, Delivered, AGENT_NONCE_PREFIX};
 use super::flavor::{Carried, Flavor};
+use super::relay::Down;
 use super::stream::DownTx;
 use crate::admin::metrics as m;
 use crate::ecds::{ConversionResult, Converter, HealJob, Outcome};
@@ -302,7 +303,10 @@ impl<F: Flavor> EcdsSession<F> {
         if delivering {
             self.book().agent_delivered(&nonce, delivered);
             F::set_resources(&mut resp, deliver);
-            self.down_tx.send(Ok(resp)).await.map_err(|_| Gone)?;
+            self.down_tx
+                .send(Down::Message(resp))
+                .await
+                .map_err(|_| Gone)?;
         }
         Ok(())
     }
@@ -368,7 +372,10 @@ impl<F: Flavor> EcdsSession<F> {
               "module arrived after retry; delivered to Envoy without a new push");
         counter!(m::HEAL_DELIVERIES).increment(1);
         counter!(m::XDS_PROXY_RESPONSES).increment(1);
-        self.down_tx.send(Ok(resp)).await.map_err(|_| Gone)
+        self.down_tx
+            .send(Down::Message(resp))
+            .await
+            .map_err(|_| Gone)
     }
 }
 

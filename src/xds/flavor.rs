@@ -3,8 +3,6 @@
 //! is the nonce, how a NACK is shaped, how resources are taken out of and put back into a
 //! response, how the agent shapes a response it originates.
 
-use std::future::Future;
-
 use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
@@ -12,10 +10,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::{Request, Status, Streaming};
 
-use super::upstream::AdsClient;
 use crate::proto::type_url;
 
 /// gRPC code INTERNAL, as Istio's agent uses in its NACKs.
@@ -72,16 +67,15 @@ impl Carried {
 }
 
 pub trait Flavor: Send + Sync + 'static {
-    type Req: prost::Message + Clone + Default + Send + 'static;
-    type Resp: prost::Message + Clone + Default + Send + 'static;
+    type Req: prost::Message + Clone + Default + Send + Unpin + 'static;
+    type Resp: prost::Message + Clone + Default + Send + Unpin + 'static;
     /// "sotw" or "delta", for logs and labels.
     const NAME: &'static str;
 
-    /// Opens the upstream stream of the same kind.
-    fn open(
-        client: &mut AdsClient,
-        req: Request<UnboundedReceiverStream<Self::Req>>,
-    ) -> impl Future<Output = Result<Streaming<Self::Resp>, Status>> + Send;
+    /// The gRPC method path of this kind of stream.
+    const PATH: &'static str;
+    /// The response shape, for the early look at large responses.
+    const SHAPE: super::wire::Shape;
 
     fn req_type_url(r: &Self::Req) -> &str;
     fn req_nonce(r: &Self::Req) -> &str;
@@ -168,15 +162,9 @@ impl Flavor for Sotw {
     type Resp = DiscoveryResponse;
     const NAME: &'static str = "sotw";
 
-    async fn open(
-        client: &mut AdsClient,
-        req: Request<UnboundedReceiverStream<Self::Req>>,
-    ) -> Result<Streaming<Self::Resp>, Status> {
-        client
-            .stream_aggregated_resources(req)
-            .await
-            .map(|r| r.into_inner())
-    }
+    const PATH: &'static str =
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+    const SHAPE: super::wire::Shape = super::wire::Shape::Sotw;
 
     fn req_type_url(r: &Self::Req) -> &str {
         &r.type_url
@@ -260,15 +248,9 @@ impl Flavor for Delta {
     type Resp = DeltaDiscoveryResponse;
     const NAME: &'static str = "delta";
 
-    async fn open(
-        client: &mut AdsClient,
-        req: Request<UnboundedReceiverStream<Self::Req>>,
-    ) -> Result<Streaming<Self::Resp>, Status> {
-        client
-            .delta_aggregated_resources(req)
-            .await
-            .map(|r| r.into_inner())
-    }
+    const PATH: &'static str =
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+    const SHAPE: super::wire::Shape = super::wire::Shape::Delta;
 
     fn req_type_url(r: &Self::Req) -> &str {
         &r.type_url

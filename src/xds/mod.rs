@@ -1,14 +1,17 @@
 //! The ADS proxy: Envoy-facing gRPC server (SotW + Delta), one upstream stream per Envoy
 //! stream, and the interception point where ECDS responses are handed to [`crate::ecds`].
 //!
-//! This module owns sockets, streams, ordering and nonces. It does not look inside resources:
-//! everything that is not ECDS passes through byte-for-byte, and ECDS resources are only
-//! carried to and from the converter.
+//! This module owns sockets, streams, framing, ordering and nonces. It does not look inside
+//! resources: everything that is not ECDS passes through unchanged (a large response is relayed
+//! frame by frame as it arrives, without being decoded), and ECDS resources are only carried to
+//! and from the converter.
 //!
 //! * `listen`   — binding the Envoy-facing Unix/TCP socket
 //! * `upstream` — dialling the control plane (h2, TLS, mTLS)
 //! * `flavor`   — SotW vs Delta message shapes behind one trait
 //! * `stream`   — the per-stream proxy loops
+//! * `wire`     — gRPC framing and the early look that tells a relayable response
+//! * `relay`    — the stream bodies below tonic's codec (cut-through relay of large responses)
 //! * `book`     — nonce bookkeeping (one reply per upstream nonce)
 //! * `ecds_session` — per-stream ECDS conversion, NACKs and self-healing deliveries
 //! * `server`   — the tonic service and `serve`
@@ -17,9 +20,11 @@ pub mod book;
 mod ecds_session;
 pub mod flavor;
 pub mod listen;
+pub mod relay;
 pub mod server;
 mod stream;
 pub mod upstream;
+pub mod wire;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::AtomicU64;

@@ -7,48 +7,90 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::task::{Context, Poll};
+
 use futures::Stream;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::codec::{DecodeBuf, Decoder, Streaming};
+use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
+use tonic::{Request, Status};
 
-use super::flavor::{Delta, Sotw};
+use super::flavor::{Delta, Flavor, Sotw};
 use super::listen::Bound;
 use super::{stream, ProxyContext};
 
+/// The ADS service: both methods, with the stream bodies of `relay` rather than a generated
+/// server's message codec, so that large responses are relayed as they arrive.
+#[derive(Clone)]
 struct AdsProxy {
     ctx: Arc<ProxyContext>,
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsProxy {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+impl NamedService for AdsProxy {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
 
-    async fn stream_aggregated_resources(
+/// Decodes Envoy's requests with prost.
+struct RequestDecoder<T>(PhantomData<T>);
+
+impl<T: prost::Message + Default> Decoder for RequestDecoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<T>, Status> {
+        T::decode(buf)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("cannot decode a request: {e}")))
+    }
+}
+
+impl AdsProxy {
+    fn open<F: Flavor>(
         &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(stream::start::<Sotw>(
-            self.ctx.clone(),
-            request,
-        )))
+        req: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        let (parts, body) = req.into_parts();
+        let requests = Streaming::new_request(
+            RequestDecoder::<F::Req>(PhantomData),
+            body,
+            None,
+            Some(self.ctx.config.max_request_bytes),
+        );
+        let request = Request::from_parts(
+            MetadataMap::from_headers(parts.headers),
+            parts.extensions,
+            requests,
+        );
+        let down = stream::start::<F>(self.ctx.clone(), request);
+        let mut resp = http::Response::new(tonic::body::Body::new(down));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        resp
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for AdsProxy {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(stream::start::<Delta>(
-            self.ctx.clone(),
-            request,
-        )))
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let resp = match req.uri().path() {
+            Sotw::PATH => self.open::<Sotw>(req),
+            Delta::PATH => self.open::<Delta>(req),
+            other => Status::unimplemented(format!("ecds-agent serves ADS only, not {other}"))
+                .into_http(),
+        };
+        std::future::ready(Ok(resp))
     }
 }
 
@@ -58,10 +100,7 @@ pub async fn serve(
     ctx: Arc<ProxyContext>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let max_request = ctx.config.max_request_bytes;
-    let svc = AggregatedDiscoveryServiceServer::new(AdsProxy { ctx })
-        .max_decoding_message_size(max_request)
-        .max_encoding_message_size(usize::MAX);
+    let svc = AdsProxy { ctx };
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -4,7 +4,9 @@
 //! * requests: Envoy → upstream through an unbounded queue, so a slow Envoy reader can never
 //!   stop requests going up (Istio #39209);
 //! * responses: upstream → Envoy; ECDS responses are diverted to the stream's ECDS session,
-//!   everything else goes straight down, untouched;
+//!   everything else goes straight down: a large non-ECDS response (≥ 64 KiB) is relayed
+//!   byte for byte while it is still arriving (`relay`), a small one is decoded (for the
+//!   debug log) and sent on;
 //! * the ECDS session (see `ecds_session`), which converts and may answer upstream itself.
 //!
 //! When either side ends, the other is ended with a matching status so Envoy reconnects.
@@ -17,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use futures::FutureExt;
 use metrics::counter;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::metadata::{KeyAndValueRef, MetadataMap};
 use tonic::{Request, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
@@ -25,6 +26,8 @@ use tracing::{debug, info, warn, Instrument};
 use super::book::{Book, Rejection};
 use super::ecds_session::EcdsSession;
 use super::flavor::Flavor;
+use super::relay::{Down, DownBody, Next, ReadEnd, Relay, ResponseReader, UpBody, RELAY_CHUNKS};
+use super::wire::{self, HEADER};
 use super::{ProxyContext, RejectionView};
 use crate::admin::metrics as m;
 use crate::errors::error_chain;
@@ -44,7 +47,7 @@ const HOP_HEADERS: &[&str] = &[
     "host",
 ];
 
-pub type DownTx<F> = mpsc::Sender<Result<<F as Flavor>::Resp, Status>>;
+pub type DownTx<F> = mpsc::Sender<Down<<F as Flavor>::Resp>>;
 
 /// Why a stream ended.
 #[derive(Debug)]
@@ -81,7 +84,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 pub fn start<F: Flavor>(
     ctx: Arc<ProxyContext>,
     req: Request<Streaming<F::Req>>,
-) -> ReceiverStream<Result<F::Resp, Status>> {
+) -> DownBody<F::Resp> {
     let (down_tx, down_rx) = mpsc::channel(DOWNSTREAM_BUFFER);
     let id = ctx.stream_ids.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("stream", id, kind = F::NAME);
@@ -95,14 +98,14 @@ pub fn start<F: Flavor>(
                 let status = Status::internal(format!("ecds-agent: stream failed: {why}"));
                 let _ = tokio::time::timeout(
                     std::time::Duration::from_secs(1),
-                    last_word.send(Err(status)),
+                    last_word.send(Down::End(status)),
                 )
                 .await;
             }
         }
         .instrument(span),
     );
-    ReceiverStream::new(down_rx)
+    DownBody::new(down_rx)
 }
 
 /// Envoy's metadata minus hop headers, plus the agent's own headers (`XDS_HEADER_*`), which
@@ -226,8 +229,11 @@ async fn session<F: Flavor>(
     }
     if let Some(status) = to_envoy {
         // Envoy may be gone, or not reading: the stream ends either way, within a second.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), down_tx.send(Err(status)))
-            .await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            down_tx.send(Down::End(status)),
+        )
+        .await;
     }
 }
 
@@ -293,25 +299,69 @@ async fn forward_responses<F: Flavor>(
     ecds_tx: Option<mpsc::UnboundedSender<F::Resp>>,
     book: Arc<Mutex<Book>>,
 ) -> End {
-    let mut client = match ctx.upstream.connect(ctx.config.max_response_bytes).await {
+    let mut channel = match ctx.upstream.connect().await {
         Ok(c) => c,
         Err(e) => {
             counter!(m::UPSTREAM_CONNECTION_FAILURES).increment(1);
             return End::UpstreamUnreachable(error_chain(&e));
         }
     };
-    let mut request = Request::new(UnboundedReceiverStream::new(up_rx));
-    *request.metadata_mut() = metadata;
-    let mut upstream = match F::open(&mut client, request).await {
-        Ok(s) => s,
-        Err(status) => {
+    let mut request = http::Request::new(tonic::body::Body::new(UpBody::new(up_rx)));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = http::Uri::from_static(F::PATH);
+    *request.headers_mut() = metadata.into_headers();
+    let headers = request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    let response = match tower::ServiceExt::oneshot(&mut channel, request).await {
+        Ok(r) => r,
+        Err(e) => {
             counter!(m::UPSTREAM_CONNECTION_FAILURES).increment(1);
-            return upstream_failure(status);
+            return End::UpstreamUnreachable(error_chain(&e));
         }
     };
+    if let Some(refused) = refused(&response) {
+        counter!(m::UPSTREAM_CONNECTION_FAILURES).increment(1);
+        return refused;
+    }
+    let intercepted = ecds_tx.as_ref().map(|_| type_url::ECDS);
+    let mut reader = ResponseReader::new(
+        response.into_body(),
+        ctx.config.max_response_bytes,
+        F::SHAPE,
+        intercepted,
+    );
     loop {
-        match upstream.message().await {
-            Ok(Some(resp)) => {
+        match reader.next().await {
+            Ok(Next::Whole(framed)) => {
+                let body = framed.slice(HEADER..);
+                // Whole, its own type_url decides (a malformed ECDS response whose first
+                // resource is of another type still reaches the ECDS session and its NACK).
+                let as_is = intercepted.is_none_or(|t| wire::string_of(&body, 4) != Some(t));
+                if as_is {
+                    // Not ECDS: on to Envoy as it came, without decoding.
+                    counter!(m::XDS_PROXY_RESPONSES).increment(1);
+                    debug!(
+                        type_url = wire::string_of(&body, 4),
+                        nonce = wire::string_of(&body, 5),
+                        "response down"
+                    );
+                    if down_tx.send(Down::Raw(framed)).await.is_err() {
+                        return End::EnvoyGone;
+                    }
+                    continue;
+                }
+                let resp = match <F::Resp as prost::Message>::decode(body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return End::UpstreamError(Status::internal(format!(
+                            "cannot decode a response: {e}"
+                        )))
+                    }
+                };
                 counter!(m::XDS_PROXY_RESPONSES).increment(1);
                 debug!(
                     type_url = F::resp_type_url(&resp),
@@ -329,13 +379,75 @@ async fn forward_responses<F: Flavor>(
                         continue;
                     }
                 }
-                if down_tx.send(Ok(resp)).await.is_err() {
+                if down_tx.send(Down::Message(resp)).await.is_err() {
                     return End::EnvoyGone;
                 }
             }
-            Ok(None) => return End::UpstreamClosed,
-            Err(status) => return upstream_failure(status),
+            Ok(Next::Relay { head, remaining }) => {
+                // A large response that is not ECDS: to Envoy as it arrives, byte for byte.
+                counter!(m::XDS_PROXY_RESPONSES).increment(1);
+                debug!(
+                    bytes = head.len() + remaining - HEADER,
+                    "response relayed as it arrives"
+                );
+                let (tx, rest) = mpsc::channel(RELAY_CHUNKS);
+                let relay = Relay {
+                    head,
+                    rest,
+                    remaining,
+                };
+                if down_tx.send(Down::Relay(relay)).await.is_err() {
+                    return End::EnvoyGone;
+                }
+                let mut left = remaining;
+                while left > 0 {
+                    let chunk = match reader.chunk(left).await {
+                        Ok(c) => c,
+                        Err(e) => return read_end(e),
+                    };
+                    left -= chunk.len();
+                    if tx.send(chunk).await.is_err() {
+                        return End::EnvoyGone;
+                    }
+                }
+            }
+            Err(e) => return read_end(e),
         }
+    }
+}
+
+/// The control plane refused the stream in its response headers (an HTTP error, or a
+/// trailers-only gRPC status).
+fn refused<B>(response: &http::Response<B>) -> Option<End> {
+    let code = response.status();
+    if code != http::StatusCode::OK {
+        let grpc = match code.as_u16() {
+            400 => tonic::Code::Internal,
+            401 => tonic::Code::Unauthenticated,
+            403 => tonic::Code::PermissionDenied,
+            404 => tonic::Code::Unimplemented,
+            429 | 502 | 503 | 504 => tonic::Code::Unavailable,
+            _ => tonic::Code::Unknown,
+        };
+        return Some(End::UpstreamError(Status::new(
+            grpc,
+            format!("HTTP status {code} from the control plane"),
+        )));
+    }
+    match Status::from_header_map(response.headers()) {
+        Some(s) if s.code() == tonic::Code::Ok => Some(End::UpstreamClosed),
+        Some(s) => Some(End::UpstreamError(s)),
+        None => None,
+    }
+}
+
+/// How the response side ended, as the stream's end.
+fn read_end(e: ReadEnd) -> End {
+    match e {
+        ReadEnd::Status(s) if s.code() == tonic::Code::Ok => End::UpstreamClosed,
+        ReadEnd::Status(s) => End::UpstreamError(s),
+        ReadEnd::TooLarge(t) => End::UpstreamTooLarge(t),
+        ReadEnd::Broken(s) => upstream_failure(s),
     }
 }
 

@@ -11,10 +11,7 @@ use std::sync::Mutex;
 
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-pub type AdsClient = AggregatedDiscoveryServiceClient<Channel>;
 
 /// Parses the control plane address: `http://host:port`, `https://host:port`, or
 /// `unix:/path` (also `unix:///path`) for plaintext HTTP/2 over a Unix socket.
@@ -214,11 +211,8 @@ impl Upstream {
         cur.1.clone()
     }
 
-    /// Dials a fresh connection; responses over `max_response_bytes` end the stream.
-    pub async fn connect(
-        &self,
-        max_response_bytes: usize,
-    ) -> Result<AdsClient, tonic::transport::Error> {
+    /// Dials a fresh connection (the stream's framing is `relay`'s, not a generated client's).
+    pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
         let endpoint = self.endpoint().await;
         let channel = match &self.addr {
             UpstreamAddr::Url(_) => endpoint.connect().await?,
@@ -235,8 +229,6 @@ impl Upstream {
                     .await?
             }
         };
-        Ok(AggregatedDiscoveryServiceClient::new(channel)
-            .max_decoding_message_size(max_response_bytes)
-            .max_encoding_message_size(usize::MAX))
+        Ok(channel)
     }
 }

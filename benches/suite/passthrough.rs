@@ -219,7 +219,7 @@ pub struct CaseResult {
 pub async fn run(mode: Mode) -> (Vec<CaseResult>, Vec<Sample>) {
     let sizes: &[(usize, usize)] = match mode {
         // (clusters, round trips)
-        Mode::Full => &[(1_000, 300), (10_000, 60), (50_000, 25)],
+        Mode::Full => &[(1_000, 400), (10_000, 120), (50_000, 60)],
         Mode::Smoke => &[(50, 5)],
     };
     let mut cases = vec![];
@@ -232,11 +232,11 @@ pub async fn run(mode: Mode) -> (Vec<CaseResult>, Vec<Sample>) {
             let warm = (iters / 5).max(2);
             // Interleave direct and via-agent rounds so drift hits both alike.
             let (mut direct, mut via, mut bytes) = (vec![], vec![], 0);
-            for _ in 0..2 {
-                let (d, b) = round_trips(&cp.addr, delta, warm, iters / 2).await;
+            for _ in 0..4 {
+                let (d, b) = round_trips(&cp.addr, delta, warm, iters / 4).await;
                 direct.extend(d);
                 bytes = b;
-                let (v, _) = round_trips(&agent.listen, delta, warm, iters / 2).await;
+                let (v, _) = round_trips(&agent.listen, delta, warm, iters / 4).await;
                 via.extend(v);
             }
             let k = match mode {

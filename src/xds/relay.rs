@@ -12,6 +12,7 @@
 //! This module owns framing and the status trailers. It does not decide what a stream does
 //! with a message; `stream` does.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -26,8 +27,11 @@ use super::wire::{self, Head, Kind, Shape, HEADER};
 /// Messages shorter than this are always read whole: relaying pays off only for large ones.
 pub const RELAY_MIN: usize = 64 << 10;
 
-/// Chunks of one relayed message that may wait for a slow Envoy.
-pub const RELAY_CHUNKS: usize = 16;
+/// Batches of one relayed message that may wait for a slow Envoy.
+pub const RELAY_CHUNKS: usize = 8;
+
+/// The most a relay batch gathers of what has already arrived.
+pub const RELAY_BATCH: usize = 256 << 10;
 
 /// Small messages that are ready together go out in one DATA frame up to this size (as
 /// tonic's encoder does), so a burst of small updates is not a burst of tiny writes.
@@ -48,14 +52,21 @@ pub enum Down<R> {
 /// A relayed message: the bytes so far (gRPC header included) and the rest as it comes.
 pub struct Relay {
     pub head: Bytes,
-    pub rest: mpsc::Receiver<Bytes>,
+    pub rest: mpsc::Receiver<Vec<Bytes>>,
     pub remaining: usize,
+}
+
+/// The relay being sent: chunks still to come, bytes still owed, chunks at hand.
+struct Relaying {
+    rest: mpsc::Receiver<Vec<Bytes>>,
+    remaining: usize,
+    queue: VecDeque<Bytes>,
 }
 
 /// The response body Envoy reads.
 pub struct DownBody<R> {
     rx: mpsc::Receiver<Down<R>>,
-    relay: Option<(mpsc::Receiver<Bytes>, usize)>,
+    relay: Option<Relaying>,
     /// An item taken while batching that does not join the batch.
     pending: Option<Down<R>>,
     /// A relay ended early: the stream is broken; only its final status may still go out.
@@ -121,14 +132,18 @@ impl<R: prost::Message + Unpin> Body for DownBody<R> {
             if this.done {
                 return Poll::Ready(None);
             }
-            if let Some((rest, remaining)) = &mut this.relay {
-                match ready!(rest.poll_recv(cx)) {
-                    Some(chunk) => {
-                        *remaining = remaining.saturating_sub(chunk.len());
-                        if *remaining == 0 {
-                            this.relay = None;
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            if let Some(r) = &mut this.relay {
+                if let Some(chunk) = r.queue.pop_front() {
+                    r.remaining = r.remaining.saturating_sub(chunk.len());
+                    if r.remaining == 0 {
+                        this.relay = None;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                match ready!(r.rest.poll_recv(cx)) {
+                    Some(chunks) => {
+                        r.queue.extend(chunks);
+                        continue;
                     }
                     None => {
                         // The upstream side stopped mid-message; the stream's status follows.
@@ -150,7 +165,11 @@ impl<R: prost::Message + Unpin> Body for DownBody<R> {
                 Some(Down::Raw(b)) => return Poll::Ready(Some(Ok(Frame::data(this.batch(b))))),
                 Some(Down::Relay(r)) => {
                     if r.remaining > 0 {
-                        this.relay = Some((r.rest, r.remaining));
+                        this.relay = Some(Relaying {
+                            rest: r.rest,
+                            remaining: r.remaining,
+                            queue: VecDeque::new(),
+                        });
                     }
                     return Poll::Ready(Some(Ok(Frame::data(r.head))));
                 }
@@ -240,6 +259,8 @@ pub struct ResponseReader {
     intercepted: Option<&'static str>,
     /// Trailers seen: the body is over.
     ended: Option<Status>,
+    /// An end met while batching, reported by the next read.
+    deferred: Option<ReadEnd>,
 }
 
 /// What one read from the body gave.
@@ -262,6 +283,7 @@ impl ResponseReader {
             shape,
             intercepted,
             ended: None,
+            deferred: None,
         }
     }
 
@@ -364,8 +386,33 @@ impl ResponseReader {
         Ok(Next::Whole(self.buf.split_to(total).freeze()))
     }
 
-    /// Up to `remaining` more bytes of the message being relayed.
-    pub async fn chunk(&mut self, remaining: usize) -> Result<Bytes, ReadEnd> {
+    /// Up to `remaining` more bytes of the message being relayed: at least one chunk, and
+    /// whatever else has already arrived (up to [`RELAY_BATCH`] bytes), so that a relay hands
+    /// Envoy's side batches, not one wake-up per h2 frame.
+    pub async fn chunks(&mut self, remaining: usize) -> Result<Vec<Bytes>, ReadEnd> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
+        let first = self.chunk(remaining).await?;
+        let mut got = first.len();
+        let mut out = vec![first];
+        while got < remaining.min(RELAY_BATCH) {
+            match futures::FutureExt::now_or_never(self.chunk(remaining - got)) {
+                Some(Ok(c)) => {
+                    got += c.len();
+                    out.push(c);
+                }
+                Some(Err(e)) => {
+                    self.deferred = Some(e);
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn chunk(&mut self, remaining: usize) -> Result<Bytes, ReadEnd> {
         if !self.buf.is_empty() {
             let n = self.buf.len().min(remaining);
             return Ok(self.buf.split_to(n).freeze());
@@ -440,12 +487,14 @@ mod tests {
                 }) => {
                     let mut m = BytesMut::from(&head[HEADER..]);
                     while remaining > 0 {
-                        let c = match r.chunk(remaining).await {
+                        let cs = match r.chunks(remaining).await {
                             Ok(c) => c,
                             Err(e) => return (out, e),
                         };
-                        remaining -= c.len();
-                        m.extend_from_slice(&c);
+                        for c in cs {
+                            remaining -= c.len();
+                            m.extend_from_slice(&c);
+                        }
                     }
                     out.push((true, m.freeze()));
                 }
@@ -513,8 +562,10 @@ mod tests {
         tx.send(Down::End(Status::unavailable("bye")))
             .await
             .unwrap();
-        ctx.send(Bytes::from_static(b"cd")).await.unwrap();
-        ctx.send(Bytes::from_static(b"e")).await.unwrap();
+        ctx.send(vec![Bytes::from_static(b"c"), Bytes::from_static(b"d")])
+            .await
+            .unwrap();
+        ctx.send(vec![Bytes::from_static(b"e")]).await.unwrap();
         let got = DownBody::new(rx).collect().await.unwrap();
         let t = got.trailers().cloned().unwrap();
         let data = got.to_bytes();
@@ -538,7 +589,7 @@ mod tests {
         .unwrap();
         tx.send(Down::Message(small)).await.unwrap();
         tx.send(Down::End(Status::internal("cut"))).await.unwrap();
-        ctx.send(Bytes::from_static(b"cd")).await.unwrap();
+        ctx.send(vec![Bytes::from_static(b"cd")]).await.unwrap();
         drop(ctx);
         let got = DownBody::new(rx).collect().await.unwrap();
         assert_eq!(got.trailers().unwrap().get("grpc-status").unwrap(), "13");

@@ -16,6 +16,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures::FutureExt;
 use metrics::counter;
 use tokio::sync::mpsc;
@@ -401,12 +402,12 @@ async fn forward_responses<F: Flavor>(
                 }
                 let mut left = remaining;
                 while left > 0 {
-                    let chunk = match reader.chunk(left).await {
+                    let chunks = match reader.chunks(left).await {
                         Ok(c) => c,
                         Err(e) => return read_end(e),
                     };
-                    left -= chunk.len();
-                    if tx.send(chunk).await.is_err() {
+                    left -= chunks.iter().map(Bytes::len).sum::<usize>();
+                    if tx.send(chunks).await.is_err() {
                         return End::EnvoyGone;
                     }
                 }

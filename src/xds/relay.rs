@@ -4,9 +4,9 @@
 //!
 //! * [`ResponseReader`] reads the control plane's response body: each message is either handed
 //!   over whole (small ones, ECDS, anything undecidable — see [`super::wire::kind`]) or as a
-//!   relay: its first bytes now and the rest in chunks, never more than one h2 frame held.
-//! * [`DownBody`] is the body Envoy reads: whole messages (encoded here) and relays, in the
-//!   order they were queued, then the stream's status as trailers.
+//!   relay: its first bytes now and the rest in batches of what has already arrived.
+//! * [`DownBody`] is the body Envoy reads: whole messages (encoded here, or as they came) and
+//!   relays, in the order they were queued, then the stream's status as trailers.
 //! * [`UpBody`] is the request body to the control plane: the stream's requests, encoded.
 //!
 //! This module owns framing and the status trailers. It does not decide what a stream does
@@ -32,6 +32,11 @@ pub const RELAY_CHUNKS: usize = 8;
 
 /// The most a relay batch gathers of what has already arrived.
 pub const RELAY_BATCH: usize = 256 << 10;
+
+/// An undecided early look is tried again only once this much more has arrived (or the whole
+/// message, or [`wire::LOOK_LIMIT`]), so a peer sending tiny frames cannot make it rescan the
+/// prefix once per frame.
+const LOOK_STEP: usize = 1 << 10;
 
 /// Small messages that are ready together go out in one DATA frame up to this size (as
 /// tonic's encoder does), so a burst of small updates is not a burst of tiny writes.
@@ -95,27 +100,31 @@ fn trailers(status: &Status) -> HeaderMap {
     h
 }
 
+/// `first` plus the frames `next` has ready without waiting, up to [`BATCH`] bytes in one
+/// buffer (`first` itself, uncopied, when nothing else is ready).
+fn batch(first: Bytes, mut next: impl FnMut() -> Option<Bytes>) -> Bytes {
+    let mut buf: Option<BytesMut> = None;
+    while buf.as_ref().map_or(first.len(), |b| b.len()) < BATCH {
+        let Some(more) = next() else { break };
+        buf.get_or_insert_with(|| BytesMut::from(&first[..]))
+            .extend_from_slice(&more);
+    }
+    buf.map_or(first, BytesMut::freeze)
+}
+
 impl<R: prost::Message> DownBody<R> {
-    /// `first` plus the whole messages already queued behind it, up to [`BATCH`] bytes.
+    /// `first` plus the whole messages already queued behind it; anything else stays pending.
     fn batch(&mut self, first: Bytes) -> Bytes {
-        if first.len() >= BATCH {
-            return first;
-        }
-        let mut buf: Option<BytesMut> = None;
-        while buf.as_ref().map_or(first.len(), |b| b.len()) < BATCH {
-            let next = match self.rx.try_recv() {
-                Ok(Down::Message(m)) => wire::frame(&m),
-                Ok(Down::Raw(b)) => b,
-                Ok(other) => {
-                    self.pending = Some(other);
-                    break;
-                }
-                Err(_) => break,
-            };
-            buf.get_or_insert_with(|| BytesMut::from(&first[..]))
-                .extend_from_slice(&next);
-        }
-        buf.map_or(first, BytesMut::freeze)
+        let (rx, pending) = (&mut self.rx, &mut self.pending);
+        batch(first, || match rx.try_recv() {
+            Ok(Down::Message(m)) => Some(wire::frame(&m)),
+            Ok(Down::Raw(b)) => Some(b),
+            Ok(other) => {
+                *pending = Some(other);
+                None
+            }
+            Err(_) => None,
+        })
     }
 }
 
@@ -218,14 +227,11 @@ impl<Q: prost::Message + Unpin> Body for UpBody<Q> {
         let Some(first) = ready!(this.rx.poll_recv(cx)) else {
             return Poll::Ready(None);
         };
-        let mut buf = BytesMut::from(&wire::frame(&first)[..]);
-        while buf.len() < BATCH {
-            match this.rx.try_recv() {
-                Ok(q) => buf.extend_from_slice(&wire::frame(&q)),
-                Err(_) => break,
-            }
-        }
-        Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
+        let rx = &mut this.rx;
+        let data = batch(wire::frame(&first), || {
+            rx.try_recv().ok().map(|q| wire::frame(&q))
+        });
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 }
 
@@ -245,7 +251,7 @@ pub enum Next {
     /// The whole message, gRPC header included.
     Whole(Bytes),
     /// A message to relay: its first bytes (gRPC header included) and how many follow, to be
-    /// read with [`ResponseReader::chunk`].
+    /// read with [`ResponseReader::chunks`].
     Relay { head: Bytes, remaining: usize },
 }
 
@@ -373,10 +379,12 @@ impl ResponseReader {
                         });
                     }
                     Kind::Whole => break,
-                    Kind::NeedMore => match self.pull().await? {
-                        Pulled::Data(d) => self.buf.extend_from_slice(&d),
-                        Pulled::End => return Err(self.end(true)),
-                    },
+                    Kind::NeedMore => {
+                        let want = (have + LOOK_STEP).min(total).min(HEADER + wire::LOOK_LIMIT);
+                        if !self.fill(want.max(have + 1)).await? {
+                            return Err(self.end(true));
+                        }
+                    }
                 }
             }
         }

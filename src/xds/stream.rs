@@ -4,9 +4,8 @@
 //! * requests: Envoy → upstream through an unbounded queue, so a slow Envoy reader can never
 //!   stop requests going up (Istio #39209);
 //! * responses: upstream → Envoy; ECDS responses are diverted to the stream's ECDS session,
-//!   everything else goes straight down: a large non-ECDS response (≥ 64 KiB) is relayed
-//!   byte for byte while it is still arriving (`relay`), a small one is decoded (for the
-//!   debug log) and sent on;
+//!   everything else goes straight down byte for byte, never decoded: a small one whole, a
+//!   large one (≥ 64 KiB) relayed while it is still arriving (`relay`);
 //! * the ECDS session (see `ecds_session`), which converts and may answer upstream itself.
 //!
 //! When either side ends, the other is ended with a matching status so Envoy reconnects.
@@ -453,11 +452,9 @@ fn read_end(e: ReadEnd) -> End {
 }
 
 /// A status the control plane sent is passed on as is; a broken connection (TLS refused,
-/// reset, …) has a local transport error as its source and becomes UNAVAILABLE.
+/// reset, …) has a local transport error as its source and becomes UNAVAILABLE. (Oversized
+/// responses are caught by the reader itself: `ReadEnd::TooLarge`.)
 fn upstream_failure(status: Status) -> End {
-    if too_large(&status) {
-        return End::UpstreamTooLarge(status.message().to_owned());
-    }
     match std::error::Error::source(&status) {
         Some(transport) => End::UpstreamUnreachable(error_chain(transport)),
         None => End::UpstreamError(status),

@@ -36,6 +36,7 @@ use super::index::{effective_policy, expected_checksum, find_by_checksum, record
 use super::lease::Lease;
 use super::oci::OciFetcher;
 use super::options::{CacheConfig, GetOptions, Matched, Module};
+use super::pins::Pins;
 use super::store::{now_secs, Index, Store};
 use super::url::ModuleUrl;
 use super::view::FailureInfo;
@@ -44,18 +45,26 @@ use crate::admin::metrics as m;
 #[derive(Default)]
 pub(super) struct State {
     pub(super) index: Index,
-    /// (owner, resource name) → module sha256.
-    pub(super) pins: HashMap<(u64, String), String>,
+    /// Which module each live ECDS resource uses.
+    pub(super) pins: Pins,
     /// Bumped whenever the pinned set changes (orders its publication).
     pub(super) pin_generation: u64,
     /// One download per (URL, expected checksum, pull-secret hash): callers with different
     /// credentials never share a download (nor its auth result).
     pub(super) flights: HashMap<FlightKey, Flight>,
     pub(super) failures: HashMap<String, FailureInfo>,
-    pub(super) dirty: bool,
+    /// Changes made to `index` so far, and how many of them are on disk: saves are group
+    /// commits, so whoever waited behind a save that took its change along returns at once.
+    edits: u64,
+    saved: u64,
 }
 
 impl State {
+    /// Records that `index` changed and must be saved.
+    pub(super) fn changed(&mut self) {
+        self.edits += 1;
+    }
+
     pub(super) fn total_bytes(&self) -> u64 {
         self.index.modules.values().map(|e| e.size).sum()
     }
@@ -116,7 +125,7 @@ impl Cache {
             lease: Arc::new(lease),
             state: Mutex::new(State {
                 index,
-                dirty: true,
+                edits: 1,
                 ..Default::default()
             }),
             save_lock: tokio::sync::Mutex::new(()),
@@ -141,22 +150,26 @@ impl Cache {
         gauge!(m::CACHE_BYTES).set(st.total_bytes() as f64);
     }
 
-    /// Persists the index if it changed (serialised; never under the state lock).
+    /// Persists the index if it changed, and returns once every change made before the call
+    /// is on disk. Saves are serialised and never run under the state lock; callers queued
+    /// behind one save are all covered by the next, so a burst of changes costs two writes,
+    /// not one each.
     pub async fn save(&self) {
+        let want = self.lock().edits;
         let _g = self.save_lock.lock().await;
-        let snapshot = {
-            let mut st = self.lock();
-            if !st.dirty {
+        let (upto, snapshot) = {
+            let st = self.lock();
+            if st.saved >= want {
                 return;
             }
-            st.dirty = false;
-            st.index.clone()
+            (st.edits, st.index.clone())
         };
         let store = self.store.clone();
         let saved: Vec<String> = snapshot.modules.keys().cloned().collect();
         match tokio::task::spawn_blocking(move || store.merge_save(&snapshot)).await {
             Ok(Ok(merged)) => {
                 let mut st = self.lock();
+                st.saved = st.saved.max(upto);
                 // What another process removed meanwhile goes here too.
                 for sha in saved.iter().filter(|s| !merged.modules.contains_key(*s)) {
                     st.index.modules.remove(sha);
@@ -164,10 +177,8 @@ impl Cache {
                 }
                 st.index.absorb(merged);
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot save the cache index; will retry");
-                self.lock().dirty = true;
-            }
+            // Not marked saved: the next save tries again.
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the cache index; will retry"),
             Err(e) => tracing::warn!(error = %e, "cache index save task failed"),
         }
     }
@@ -200,7 +211,7 @@ impl Cache {
         let mut st = self.lock();
         if !exists {
             if st.index.modules.remove(sha).is_some() {
-                st.dirty = true;
+                st.changed();
             }
             return None;
         }
@@ -265,7 +276,10 @@ impl Cache {
                 }
             }
         }
-        self.save().await;
+        // The download itself saved the module before it returned; what is left (this URL's
+        // use by this resource) is written in the background, as on a hit, so that a
+        // hundred streams waiting for one download do not each wait for a write.
+        self.save_soon();
         result
     }
 
@@ -304,7 +318,7 @@ impl Cache {
         opts: Option<&GetOptions>,
     ) {
         if record_url(&mut st.index, url, module, opts, now_secs()) {
-            st.dirty = true;
+            st.changed();
         }
     }
 }

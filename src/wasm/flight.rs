@@ -183,7 +183,7 @@ impl Cache {
             let mut st = self.lock();
             self.record(&mut st, url, &module, None);
             st.index.url_mut(url).fetched_at_ms = now_ms();
-            st.dirty = true;
+            st.changed();
         }
         self.save().await;
         Ok(module)

@@ -21,7 +21,8 @@
 //! * `flight` — one download per module, in-process and across processes
 //! * `pipeline` — streaming fetch → unbox → check → validate → store
 //! * `view`   — the admin snapshot
-//! * `retention` — pins, expiry purge, LRU byte budget
+//! * `pins`   — which module each live ECDS resource uses, with use counts
+//! * `retention` — what pins mean for the disk: expiry purge, LRU byte budget, the lease
 //! * `lease`  — pins published to other processes sharing the directory
 
 pub mod cache;
@@ -35,6 +36,7 @@ pub mod lease;
 pub mod mirrors;
 pub mod oci;
 pub mod options;
+mod pins;
 mod pipeline;
 mod retention;
 pub mod secret;

@@ -427,7 +427,7 @@ impl Cache {
             entry.urls.insert(super::error::redact(url));
             entry.oci_digests.extend(digests.iter().cloned());
             entry.served_by = Some(served_by.clone());
-            st.dirty = true;
+            st.changed();
         }
         counter!(m::FETCHES_SERVED, "host" => served_by.clone()).increment(1);
         self.enforce_budget(&sha).await;

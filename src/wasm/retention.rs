@@ -2,20 +2,15 @@
 //! each live ECDS resource uses), expiry purge and the LRU byte budget. Pins are this process's
 //! plus those every other live process sharing the directory publishes (`lease`).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use metrics::counter;
 
 use super::cache::{Cache, State};
+use super::pins::PinChange;
 use super::store::now_secs;
 use crate::admin::metrics as m;
-
-impl State {
-    fn pinned(&self) -> HashSet<String> {
-        self.pins.values().cloned().collect()
-    }
-}
 
 impl Cache {
     /// The modules other live processes pin (read off the async threads).
@@ -52,13 +47,13 @@ impl Cache {
         let victims: Vec<String> = {
             let mut st = self.lock();
             let mut total = st.total_bytes();
-            let mut pinned = st.pinned();
-            pinned.extend(foreign);
             let mut candidates: Vec<(u64, String, u64)> = st
                 .index
                 .modules
                 .iter()
-                .filter(|(sha, _)| sha.as_str() != keep && !pinned.contains(*sha))
+                .filter(|(sha, _)| {
+                    sha.as_str() != keep && !st.pins.contains(sha) && !foreign.contains(*sha)
+                })
                 .map(|(sha, e)| (e.last_used, sha.clone(), e.size))
                 .collect();
             candidates.sort();
@@ -92,14 +87,14 @@ impl Cache {
         let now = now_secs();
         let victims: Vec<String> = {
             let mut st = self.lock();
-            let mut pinned = st.pinned();
-            pinned.extend(foreign);
             let out: Vec<String> = st
                 .index
                 .modules
                 .iter()
                 .filter(|(sha, e)| {
-                    !pinned.contains(*sha) && now.saturating_sub(e.last_used) >= expiry
+                    !st.pins.contains(sha)
+                        && !foreign.contains(*sha)
+                        && now.saturating_sub(e.last_used) >= expiry
                 })
                 .map(|(sha, _)| sha.clone())
                 .collect();
@@ -131,28 +126,30 @@ impl Cache {
     /// Records that `owner`'s resource `name` uses module `sha` (`None`: uses none).
     pub fn pin(&self, owner: u64, name: &str, sha: Option<&str>) {
         let mut st = self.lock();
-        let before = st.pinned();
-        let key = (owner, name.to_owned());
-        let old = match sha {
-            Some(s) => st.pins.insert(key, s.to_owned()),
-            None => st.pins.remove(&key),
-        };
-        if let Some(old) = old {
-            touch(&mut st, &old);
-        }
-        self.publish_pins(&mut st, before);
+        let change = st.pins.set((owner, name.to_owned()), sha);
+        self.apply(&mut st, change);
     }
 
-    /// Publishes this process's pinned set to other processes when it changed.
-    fn publish_pins(&self, st: &mut State, before: HashSet<String>) {
-        let now = st.pinned();
-        if now == before {
+    /// Drops every pin of `owner` (a closed Envoy stream); released modules start a fresh expiry.
+    pub fn release_owner(&self, owner: u64) {
+        let mut st = self.lock();
+        let change = st.pins.release_owner(owner);
+        self.apply(&mut st, change);
+    }
+
+    /// Released modules start a fresh expiry; a changed set of modules in use is published to
+    /// other processes (off the async threads, in order).
+    fn apply(&self, st: &mut State, change: PinChange) {
+        for sha in &change.released {
+            touch(st, sha);
+        }
+        if !change.set_changed {
             return;
         }
         st.pin_generation += 1;
         let generation = st.pin_generation;
         let lease = self.lease.clone();
-        let set: BTreeSet<String> = now.into_iter().collect();
+        let set = st.pins.shas();
         let write = move || {
             if let Err(e) = lease.publish(generation, &set) {
                 tracing::warn!(error = %e, "cannot publish pinned modules to other processes");
@@ -163,34 +160,17 @@ impl Cache {
             Err(_) => write(),
         }
     }
-
-    /// Drops every pin of `owner` (a closed Envoy stream); released modules start a fresh expiry.
-    pub fn release_owner(&self, owner: u64) {
-        let mut st = self.lock();
-        let before = st.pinned();
-        let released: Vec<String> = st
-            .pins
-            .iter()
-            .filter(|((o, _), _)| *o == owner)
-            .map(|(_, s)| s.clone())
-            .collect();
-        st.pins.retain(|(o, _), _| *o != owner);
-        for sha in released {
-            touch(&mut st, &sha);
-        }
-        self.publish_pins(&mut st, before);
-    }
 }
 
 fn touch(st: &mut State, sha: &str) {
     if let Some(e) = st.index.modules.get_mut(sha) {
         e.last_used = now_secs();
-        st.dirty = true;
+        st.changed();
     }
 }
 
 fn remove_entry(st: &mut State, sha: &str) {
     st.index.modules.remove(sha);
     st.index.urls.retain(|_, u| u.sha256 != sha);
-    st.dirty = true;
+    st.changed();
 }

@@ -62,7 +62,7 @@ impl Cache {
     pub fn view(&self) -> CacheView {
         let st = self.lock();
         let mut users: HashMap<&str, Vec<String>> = HashMap::new();
-        for ((owner, name), sha) in &st.pins {
+        for ((owner, name), sha) in st.pins.iter() {
             users
                 .entry(sha.as_str())
                 .or_default()

@@ -21,6 +21,8 @@ pub struct Route {
     pub delay: Duration,
     /// Send the body in 64 KiB pieces with this pause between them (a slow download).
     pub trickle: Duration,
+    /// Answer only once this turns `true` (a download held open until the test says so).
+    pub gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 #[derive(Default)]
@@ -53,6 +55,9 @@ async fn serve(State(inner): State<Arc<Mutex<Inner>>>, Path(path): Path<String>)
     };
     if !route.delay.is_zero() {
         tokio::time::sleep(route.delay).await;
+    }
+    if let Some(mut gate) = route.gate.clone() {
+        let _ = gate.wait_for(|open| *open).await;
     }
     if n <= route.fail_first {
         return Response::builder()

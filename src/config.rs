@@ -41,6 +41,15 @@ fn parse_message_bytes(s: &str) -> Result<usize, String> {
     Ok(n as usize)
 }
 
+/// A duration of at least 1 ms.
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(1) {
+        return Err(format!("'{s}' must be at least 1ms"));
+    }
+    Ok(d)
+}
+
 fn parse_positive_u32(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -154,6 +163,14 @@ pub struct RunArgs {
           value_parser = parse_message_bytes, value_name = "BYTES")]
     pub max_response_bytes: usize,
 
+    /// Longest the control plane may go silent in the middle of a response. Past it the stream
+    /// ends with UNAVAILABLE and Envoy reconnects: a large response is relayed to Envoy as it
+    /// arrives, and one cut off mid-way would otherwise hold every later update on that
+    /// stream, the agent's ECDS deliveries included. Pauses between responses are not timed.
+    #[arg(long, env = "ECDS_AGENT_RESPONSE_STALL_TIMEOUT", default_value = "30s",
+          value_parser = parse_positive_duration, value_name = "DURATION")]
+    pub response_stall_timeout: Duration,
+
     /// Most Envoy streams open at once; a new stream past it ends the oldest (as Istio's agent
     /// does with its one stream).
     #[arg(long, env = "ECDS_AGENT_MAX_STREAMS", default_value = "1024",
@@ -263,6 +280,7 @@ impl RunArgs {
         crate::xds::ProxyConfig {
             max_request_bytes: self.max_request_bytes,
             max_response_bytes: self.max_response_bytes,
+            response_stall_timeout: self.response_stall_timeout,
             max_streams: self.max_streams as usize,
         }
     }

@@ -505,6 +505,10 @@ fn bad_flags_exit_2_naming_the_flag() {
         (&["run", "--upstream", "ftp://x"], "--upstream"),
         (&["run", "--module-expiry", "soon"], "--module-expiry"),
         (&["run", "--http-max-attempts", "0"], "--http-max-attempts"),
+        (
+            &["run", "--response-stall-timeout", "0s"],
+            "--response-stall-timeout",
+        ),
         (&["run", "--no-such-flag"], "--no-such-flag"),
         (
             &["run", "--upstream-ca", "/does/not/exist"],
@@ -658,10 +662,21 @@ async fn xds_header_env_vars_become_upstream_metadata() {
     assert_eq!(up.metadata.get("x-from-envoy").unwrap(), "yes");
 }
 
+/// How [`cut_off_control_plane`] breaks off its response.
+#[derive(Clone, Copy)]
+enum Break {
+    /// RST_STREAM.
+    Reset,
+    /// Trailers with this grpc-status and message "quota".
+    Status(tonic::Code),
+    /// Nothing more, the stream left open.
+    Stall,
+}
+
 /// A control plane on raw h2 that answers every ADS stream with the first `cut` bytes of a
-/// large CDS message and then resets the stream: a response broken off in the middle, which
-/// the agent is already relaying to Envoy (cut-through) when the break comes.
-async fn cut_off_control_plane(cut: usize) -> String {
+/// large CDS message and then breaks off (`how`): a response cut off in the middle, which the
+/// agent is already relaying to Envoy (cut-through) when the break comes.
+async fn cut_off_control_plane(cut: usize, how: Break) -> String {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -692,8 +707,18 @@ async fn cut_off_control_plane(cut: usize) -> String {
                         framed.extend_from_slice(&msg);
                         let _ = send.send_data(framed[..cut].to_vec().into(), false);
                         tokio::time::sleep(Duration::from_millis(300)).await;
-                        send.send_reset(h2::Reason::INTERNAL_ERROR);
-                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        match how {
+                            Break::Reset => send.send_reset(h2::Reason::INTERNAL_ERROR),
+                            Break::Status(code) => {
+                                let mut t = http::HeaderMap::new();
+                                t.insert("grpc-status", (code as i32).to_string().parse().unwrap());
+                                t.insert("grpc-message", "quota".parse().unwrap());
+                                let _ = send.send_trailers(t);
+                            }
+                            Break::Stall => {}
+                        }
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        drop(send);
                     });
                 }
             });
@@ -704,7 +729,7 @@ async fn cut_off_control_plane(cut: usize) -> String {
 
 #[tokio::test]
 async fn a_response_broken_off_mid_relay_ends_the_envoy_stream_with_a_status() {
-    let url = cut_off_control_plane(700 << 10).await;
+    let url = cut_off_control_plane(700 << 10, Break::Reset).await;
     let agent = Agent::builder(&url).start().await;
     let mut client = connect_tcp(&agent.listen).await;
     for _ in 0..2 {
@@ -730,4 +755,59 @@ async fn a_response_broken_off_mid_relay_ends_the_envoy_stream_with_a_status() {
     // Both responses were counted: the agent had begun relaying them before they broke off
     // (read whole, they would never have been counted).
     assert!(agent.metric("istio_agent_xds_proxy_responses", "").await >= 2.0);
+}
+
+/// The Envoy side's status once a relayed response broke off, and how long it took.
+async fn status_after_break(agent: &Agent) -> (tonic::Status, Duration) {
+    let mut client = connect_tcp(&agent.listen).await;
+    let mut envoy = open_sotw(&mut client, &[]).await;
+    envoy.send(sotw_req(CDS, &[], "", ""));
+    let started = Instant::now();
+    match tokio::time::timeout(Duration::from_secs(20), envoy.rx.message()).await {
+        Ok(Err(s)) => (s, started.elapsed()),
+        Ok(Ok(m)) => panic!("expected the stream to fail, got {m:?}"),
+        Err(_) => panic!("the stream hung after the control plane broke off"),
+    }
+}
+
+#[tokio::test]
+async fn an_error_status_mid_relay_reaches_envoy_as_the_control_plane_sent_it() {
+    let url = cut_off_control_plane(700 << 10, Break::Status(tonic::Code::ResourceExhausted)).await;
+    let agent = Agent::builder(&url).start().await;
+    let (status, _) = status_after_break(&agent).await;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("quota") && status.message().contains("middle of a message"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_control_plane_stalling_mid_relay_is_cut_off_after_the_stall_timeout() {
+    let url = cut_off_control_plane(700 << 10, Break::Stall).await;
+    let agent = Agent::builder(&url)
+        .args(["--response-stall-timeout", "1s"])
+        .start()
+        .await;
+    let (status, took) = status_after_break(&agent).await;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("sent nothing for 1s")
+            && status.message().contains("--response-stall-timeout"),
+        "{status:?}"
+    );
+    // 300 ms to the stall, then the 1 s timeout: not the 60 s the control plane would hold it.
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    assert!(
+        agent
+            .metric(
+                "istio_agent_envoy_connection_terminations",
+                r#"type="upstream_error""#
+            )
+            .await
+            >= 1.0
+    );
 }

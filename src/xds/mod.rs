@@ -42,6 +42,8 @@ pub struct ProxyConfig {
     pub max_request_bytes: usize,
     /// Largest gRPC message accepted from the control plane.
     pub max_response_bytes: usize,
+    /// Longest pause of the control plane in the middle of a relayed response.
+    pub response_stall_timeout: std::time::Duration,
     /// Most Envoy streams open at once; a new stream past it ends the oldest one.
     pub max_streams: usize,
 }
@@ -51,6 +53,7 @@ impl Default for ProxyConfig {
         Self {
             max_request_bytes: 4 << 20,
             max_response_bytes: 256 << 20,
+            response_stall_timeout: std::time::Duration::from_secs(30),
             max_streams: 1024,
         }
     }

@@ -244,6 +244,8 @@ pub enum ReadEnd {
     TooLarge(String),
     /// The body broke or is not valid gRPC: a transport error is the status's source.
     Broken(Status),
+    /// The control plane went silent in the middle of a message for this long.
+    Stalled(std::time::Duration),
 }
 
 /// One response from the control plane.
@@ -261,6 +263,8 @@ pub struct ResponseReader {
     buf: BytesMut,
     max: usize,
     shape: Shape,
+    /// Longest silence in the middle of a message.
+    stall: std::time::Duration,
     /// The type that must be read whole (ECDS), or `None` to relay every large message.
     intercepted: Option<&'static str>,
     /// Trailers seen: the body is over.
@@ -276,10 +280,13 @@ enum Pulled {
 }
 
 impl ResponseReader {
+    /// A reader of `body`: messages up to `max` bytes, silence in the middle of one up to
+    /// `stall`, `intercepted` (ECDS) read whole.
     pub fn new(
         body: tonic::body::Body,
         max: usize,
         shape: Shape,
+        stall: std::time::Duration,
         intercepted: Option<&'static str>,
     ) -> Self {
         Self {
@@ -287,18 +294,28 @@ impl ResponseReader {
             buf: BytesMut::new(),
             max,
             shape,
+            stall,
             intercepted,
             ended: None,
             deferred: None,
         }
     }
 
-    async fn pull(&mut self) -> Result<Pulled, ReadEnd> {
+    /// The next frame's data. `mid`: a message has begun, so silence is timed.
+    async fn pull(&mut self, mid: bool) -> Result<Pulled, ReadEnd> {
         loop {
             if self.ended.is_some() {
                 return Ok(Pulled::End);
             }
-            let frame = std::future::poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
+            let next = std::future::poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx));
+            let frame = if mid {
+                match tokio::time::timeout(self.stall, next).await {
+                    Ok(f) => f,
+                    Err(_) => return Err(ReadEnd::Stalled(self.stall)),
+                }
+            } else {
+                next.await
+            };
             match frame {
                 None => {
                     self.ended = Some(Status::unknown(
@@ -324,7 +341,7 @@ impl ResponseReader {
     /// Reads until `buf` holds `n` bytes; `false` if the body ended first.
     async fn fill(&mut self, n: usize) -> Result<bool, ReadEnd> {
         while self.buf.len() < n {
-            match self.pull().await? {
+            match self.pull(!self.buf.is_empty()).await? {
                 Pulled::Data(d) => self.buf.extend_from_slice(&d),
                 Pulled::End => return Ok(false),
             }
@@ -332,14 +349,22 @@ impl ResponseReader {
         Ok(true)
     }
 
-    /// The end of the stream, once the body is over.
+    /// The end of the stream, once the body is over. A control plane that ends with an error
+    /// status in the middle of a message is reported with its own status.
     fn end(&mut self, mid_message: bool) -> ReadEnd {
-        if mid_message {
-            return ReadEnd::Broken(Status::internal(
-                "the control plane's stream ended in the middle of a message",
-            ));
+        let status = self.ended.take();
+        if !mid_message {
+            return ReadEnd::Status(status.unwrap_or_else(|| Status::ok("")));
         }
-        ReadEnd::Status(self.ended.take().unwrap_or_else(|| Status::ok("")))
+        match status {
+            Some(s) if s.code() != tonic::Code::Ok => ReadEnd::Status(Status::new(
+                s.code(),
+                format!("{} (in the middle of a message)", s.message()),
+            )),
+            _ => ReadEnd::Broken(Status::internal(
+                "the control plane's stream ended in the middle of a message",
+            )),
+        }
     }
 
     /// The next message.
@@ -425,7 +450,7 @@ impl ResponseReader {
             let n = self.buf.len().min(remaining);
             return Ok(self.buf.split_to(n).freeze());
         }
-        match self.pull().await? {
+        match self.pull(true).await? {
             Pulled::Data(mut d) => {
                 if d.len() > remaining {
                     let rest = d.split_off(remaining);
@@ -483,6 +508,7 @@ mod tests {
             body(chunks, Some(status)),
             1 << 20,
             Shape::Sotw,
+            std::time::Duration::from_secs(5),
             Some(crate::proto::type_url::ECDS),
         );
         let mut out = Vec::new();
@@ -536,7 +562,13 @@ mod tests {
     #[tokio::test]
     async fn oversized_truncated_and_compressed_messages_end_the_stream() {
         let big = wire::frame(&response(crate::proto::type_url::CLUSTER, 2000));
-        let mut r = ResponseReader::new(body(vec![big.clone()], None), 1000, Shape::Sotw, None);
+        let mut r = ResponseReader::new(
+            body(vec![big.clone()], None),
+            1000,
+            Shape::Sotw,
+            std::time::Duration::from_secs(5),
+            None,
+        );
         assert!(matches!(r.next().await, Err(ReadEnd::TooLarge(t)) if t.contains("too large")));
         let cut = big.slice(..big.len() / 2);
         let (out, end) = read_all(cut, 4096, Status::ok("")).await;
@@ -551,6 +583,57 @@ mod tests {
         assert!(matches!(end, ReadEnd::Broken(s) if s.message().contains("compressed")));
         let (_, end) = read_all(Bytes::new(), 1, Status::permission_denied("no")).await;
         assert!(matches!(end, ReadEnd::Status(s) if s.code() == tonic::Code::PermissionDenied));
+        // An error status in the middle of a message is the control plane's, not ours.
+        let (_, end) = read_all(big.slice(..3000), 1000, Status::resource_exhausted("quota")).await;
+        assert!(
+            matches!(&end, ReadEnd::Status(s) if s.code() == tonic::Code::ResourceExhausted
+                && s.message() == "quota (in the middle of a message)"),
+            "{end:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn silence_is_timed_only_in_the_middle_of_a_message() {
+        let stall = std::time::Duration::from_millis(100);
+        let reader = |chunks: Vec<Bytes>| {
+            let frames = futures::stream::iter(
+                chunks
+                    .into_iter()
+                    .map(|c| Ok::<_, Status>(Frame::data(c)))
+                    .collect::<Vec<_>>(),
+            )
+            .chain(futures::stream::pending());
+            ResponseReader::new(
+                tonic::body::Body::new(http_body_util::StreamBody::new(frames)),
+                1 << 20,
+                Shape::Sotw,
+                stall,
+                Some(crate::proto::type_url::ECDS),
+            )
+        };
+        use futures::StreamExt;
+        // Between messages: an idle control plane is waited for.
+        let mut r = reader(vec![]);
+        assert!(tokio::time::timeout(stall * 3, r.next()).await.is_err());
+        // A small message (read whole) and a large one (relayed) broken off: both stall.
+        let small = wire::frame(&response(crate::proto::type_url::CLUSTER, 1));
+        let large = wire::frame(&response(crate::proto::type_url::CLUSTER, 1000));
+        for cut in [
+            small.slice(..small.len() - 1),
+            small.slice(..3),
+            large.slice(..100_000),
+        ] {
+            let mut r = reader(vec![cut]);
+            let end = match r.next().await {
+                Ok(Next::Relay { remaining, .. }) => r.chunks(remaining).await.err(),
+                Ok(Next::Whole(_)) => None,
+                Err(e) => Some(e),
+            };
+            assert!(
+                matches!(end, Some(ReadEnd::Stalled(d)) if d == stall),
+                "{end:?}"
+            );
+        }
     }
 
     #[tokio::test]

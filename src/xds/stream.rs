@@ -332,6 +332,7 @@ async fn forward_responses<F: Flavor>(
         response.into_body(),
         ctx.config.max_response_bytes,
         F::SHAPE,
+        ctx.config.response_stall_timeout,
         intercepted,
     );
     loop {
@@ -448,6 +449,10 @@ fn read_end(e: ReadEnd) -> End {
         ReadEnd::Status(s) => End::UpstreamError(s),
         ReadEnd::TooLarge(t) => End::UpstreamTooLarge(t),
         ReadEnd::Broken(s) => upstream_failure(s),
+        ReadEnd::Stalled(d) => End::UpstreamError(Status::unavailable(format!(
+            "the control plane sent nothing for {d:?} in the middle of a response \
+             (--response-stall-timeout)"
+        ))),
     }
 }
 

@@ -4,12 +4,16 @@
 //! A gRPC message on the wire is a 5-byte header (compressed flag, big-endian length) and the
 //! protobuf bytes. A `DiscoveryResponse` / `DeltaDiscoveryResponse` puts its resources in
 //! field 2 and its `type_url` in field 4, which encoders write *after* the resources; so the
-//! kind of a large response is read from whichever comes first: the `type_url` field, or the
-//! type of the first resource (`Any.type_url`, inside a Delta `Resource` envelope when Delta).
-//! A response read whole is judged by its own `type_url` instead. The one case the early look
-//! gets "wrong" is a malformed response: `type_url` ECDS written after a first resource of
-//! another type. It is relayed untouched, and Envoy rejects it for the type mismatch as it
-//! would without the agent.
+//! kind of a large response is read from the type of its first resource (`Any.type_url`,
+//! inside a Delta `Resource` envelope when Delta), once that resource is all there. Protobuf
+//! keeps the *last* value of a field written twice, so nothing is decided from a value a later
+//! one could override: a `type_url` ahead of the resources sends the response to be read
+//! whole, and a response read whole is judged by its last `type_url`. Two shapes are judged
+//! otherwise, both malformed or contrived: a `type_url` ECDS written after a first resource of
+//! another type is relayed untouched, and Envoy rejects it for the type mismatch (each
+//! resource's type must be the response's) as it would without the agent; and a first
+//! resource larger than [`LOOK_LIMIT`] is judged by the `type_url` written ahead of its value
+//! (where every encoder puts it), not by one repeated after it.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -138,24 +142,63 @@ fn field(b: &[u8]) -> Field<'_> {
     }
 }
 
-/// The string in field `number` of the (possibly truncated) message `b`, if it is there whole.
-/// `Err(())` when the field is absent from a complete message or `b` is malformed.
-fn string_field(b: &[u8], number: u64, whole: bool) -> Result<Option<&[u8]>, ()> {
-    Ok(message_field(b, number, whole)?.and_then(|(p, complete)| complete.then_some(p)))
+/// The fields of a whole message, in order: each field's number and, when length-delimited,
+/// its payload; an `Err` (and the end) where `msg` is truncated or malformed.
+fn fields(msg: &[u8]) -> impl Iterator<Item = Result<(u64, Option<&[u8]>), ()>> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= msg.len() {
+            return None;
+        }
+        match field(&msg[at..]) {
+            Field::Len {
+                number,
+                payload,
+                complete: true,
+                next,
+            } => {
+                at += next;
+                Some(Ok((number, Some(payload))))
+            }
+            Field::Other { next } => {
+                at += next;
+                Some(Ok((0, None)))
+            }
+            Field::Len { .. } | Field::Incomplete | Field::Invalid => {
+                at = msg.len();
+                Some(Err(()))
+            }
+        }
+    })
 }
 
-/// The top-level string field `number` of a whole message (e.g. a response's nonce, 5), for
-/// logs; `None` when absent or not UTF-8.
+/// The last length-delimited field `number` of the whole message `msg`: what a protobuf
+/// decoder keeps of a string field written more than once.
+fn last_of(msg: &[u8], number: u64) -> Result<Option<&[u8]>, ()> {
+    let mut last = None;
+    for f in fields(msg) {
+        if let (n, Some(p)) = f? {
+            if n == number {
+                last = Some(p);
+            }
+        }
+    }
+    Ok(last)
+}
+
+/// The top-level string field `number` of a whole message (a response's `type_url`, 4, or
+/// nonce, 5), the last occurrence as decoders read it; `None` when absent, not UTF-8 or
+/// `msg` is malformed.
 pub fn string_of(msg: &[u8], number: u64) -> Option<&str> {
-    string_field(msg, number, true)
+    last_of(msg, number)
         .ok()
         .flatten()
         .and_then(|b| std::str::from_utf8(b).ok())
 }
 
-/// The message-typed field `number` of `b` (a possibly truncated message): its available
-/// bytes and whether they are all there.
-fn message_field(b: &[u8], number: u64, whole: bool) -> Result<Option<(&[u8], bool)>, ()> {
+/// The first length-delimited field `number` of a possibly truncated message: its bytes so
+/// far and whether they are all there; `None` if it is not (yet) there or `b` is malformed.
+fn first_of(b: &[u8], number: u64) -> Option<(&[u8], bool)> {
     let mut at = 0;
     while at < b.len() {
         match field(&b[at..]) {
@@ -166,22 +209,44 @@ fn message_field(b: &[u8], number: u64, whole: bool) -> Result<Option<(&[u8], bo
                 next,
             } => {
                 if n == number {
-                    return Ok(Some((payload, complete)));
+                    return Some((payload, complete));
                 }
                 if !complete {
-                    return Ok(None);
+                    return None;
                 }
                 at += next;
             }
             Field::Other { next } => at += next,
-            Field::Incomplete => return if whole { Err(()) } else { Ok(None) },
-            Field::Invalid => return Err(()),
+            Field::Incomplete | Field::Invalid => return None,
         }
     }
-    if whole {
-        Err(())
-    } else {
-        Ok(None)
+    None
+}
+
+/// The first `Any.type_url` of a resource that has not all arrived.
+fn first_resource_type(resource: &[u8], shape: Shape) -> Option<&[u8]> {
+    let any = match shape {
+        Shape::Sotw => resource,
+        Shape::Delta => first_of(resource, 2)?.0,
+    };
+    first_of(any, 1).and_then(|(t, complete)| complete.then_some(t))
+}
+
+/// The type of one whole resource (`Any.type_url`): in a Delta `Resource` envelope, its
+/// field 2, which decoders merge when written more than once (the last type_url wins).
+/// `Ok(None)`: no body (a TTL heartbeat).
+fn resource_type(resource: &[u8], shape: Shape) -> Result<Option<&[u8]>, ()> {
+    match shape {
+        Shape::Sotw => last_of(resource, 1),
+        Shape::Delta => {
+            let mut t = None;
+            for f in fields(resource) {
+                if let (2, Some(any)) = f? {
+                    t = last_of(any, 1)?.or(t);
+                }
+            }
+            Ok(t)
+        }
     }
 }
 
@@ -206,40 +271,34 @@ fn look(prefix: &[u8], shape: Shape, intercepted: &str) -> Kind {
     let mut at = 0;
     while at < prefix.len() {
         match field(&prefix[at..]) {
-            Field::Len {
-                number: 4,
-                payload,
-                complete: whole,
-                ..
-            } => {
-                // The response's own type_url.
-                return if whole {
-                    of_type(payload)
-                } else {
-                    Kind::NeedMore
-                };
+            Field::Len { number: 4, .. } => {
+                // The response's own type_url ahead of its resources: not how encoders write
+                // it, and a later one would override it. Judged whole, by its last type_url.
+                return Kind::Whole;
             }
             Field::Len {
                 number: 2,
                 payload,
-                complete: whole,
+                complete,
                 ..
             } => {
-                // The first resource.
-                let any = match shape {
-                    Shape::Sotw => Ok(Some((payload, whole))),
-                    // A Delta `Resource` envelope; the body is its field 2.
-                    Shape::Delta => message_field(payload, 2, whole),
-                };
-                return match any {
-                    Ok(Some((any, any_whole))) => match string_field(any, 1, any_whole) {
+                // The first resource, once it is all there (a later type_url inside it
+                // would override an earlier one) ...
+                if complete {
+                    return match resource_type(payload, shape) {
                         Ok(Some(t)) => of_type(t),
-                        Ok(None) => Kind::NeedMore,
-                        Err(()) => Kind::Whole,
-                    },
-                    Ok(None) => Kind::NeedMore,
-                    // No body (a TTL heartbeat) or malformed: let the decoder judge it.
-                    Err(()) => Kind::Whole,
+                        // No body (a TTL heartbeat) or malformed: let the decoder judge it.
+                        Ok(None) | Err(()) => Kind::Whole,
+                    };
+                }
+                // ... or, if it is larger than the look, by the type_url encoders write
+                // ahead of its value.
+                if prefix.len() < LOOK_LIMIT {
+                    return Kind::NeedMore;
+                }
+                return match first_resource_type(payload, shape) {
+                    Some(t) => of_type(t),
+                    None => Kind::Whole,
                 };
             }
             Field::Len {
@@ -294,9 +353,13 @@ mod tests {
     fn sotw_kinds_are_decided_from_the_first_resource() {
         let cds = sotw(CDS, CDS);
         let k = decided(&cds, Shape::Sotw);
-        // Once decided, the answer never changes and is right.
+        // Decided as soon as the first resource is all there; then it never changes.
         let first = k.iter().position(|k| *k != Kind::NeedMore).unwrap();
-        assert!(first < 80, "decided after {first} bytes");
+        let resource = any(CDS, 3000).encoded_len();
+        assert!(
+            first > resource && first < resource + 40,
+            "decided after {first} bytes"
+        );
         assert!(k[first..].iter().all(|k| *k == Kind::Relay));
         let ecds = sotw(ECDS, ECDS);
         assert!(decided(&ecds, Shape::Sotw)
@@ -309,15 +372,24 @@ mod tests {
     }
 
     #[test]
-    fn a_type_url_before_the_resources_decides() {
-        // Encoders may write fields in any order: type_url first.
-        let mut b = Vec::new();
-        prost::encoding::string::encode(4, &ECDS.to_string(), &mut b);
-        prost::encoding::message::encode(2, &any(CDS, 100), &mut b);
-        assert_eq!(kind(&b, true, Shape::Sotw, ECDS), Kind::Whole);
+    fn a_type_url_ahead_of_the_resources_is_read_whole_and_the_last_one_counts() {
+        // type_url CDS first, ECDS resources, then type_url ECDS: protobuf reads ECDS.
         let mut b = Vec::new();
         prost::encoding::string::encode(4, &CDS.to_string(), &mut b);
-        assert_eq!(kind(&b, false, Shape::Sotw, ECDS), Kind::Relay);
+        let early = b.len();
+        prost::encoding::message::encode(2, &any(ECDS, 100), &mut b);
+        prost::encoding::string::encode(5, &"n1".to_string(), &mut b);
+        prost::encoding::string::encode(4, &ECDS.to_string(), &mut b);
+        for n in early..b.len() {
+            assert_eq!(kind(&b[..n], false, Shape::Sotw, ECDS), Kind::Whole, "{n}");
+        }
+        assert_eq!(string_of(&b, 4), Some(ECDS));
+        assert_eq!(DiscoveryResponse::decode(&b[..]).unwrap().type_url, ECDS);
+        assert_eq!(string_of(&b, 5), Some("n1"));
+        assert_eq!(string_of(&b, 1), None);
+        // A truncated or malformed message has no answer.
+        assert_eq!(string_of(&b[..b.len() - 1], 4), None);
+        assert_eq!(string_of(&[0xff; 12], 4), None);
     }
 
     #[test]
@@ -340,7 +412,7 @@ mod tests {
         let cds = resp(CDS);
         let k = decided(&cds, Shape::Delta);
         let first = k.iter().position(|k| *k != Kind::NeedMore).unwrap();
-        assert!(first < 100);
+        assert!(first < 5100, "decided after {first} bytes");
         assert!(k[first..].iter().all(|k| *k == Kind::Relay));
         assert!(decided(&resp(ECDS), Shape::Delta)
             .iter()
@@ -356,6 +428,76 @@ mod tests {
         }
         .encode_to_vec();
         assert_eq!(kind(&hb, true, Shape::Delta, ECDS), Kind::Whole);
+    }
+
+    #[test]
+    fn a_type_url_written_twice_inside_the_first_resource_counts_last() {
+        // SotW: an Any whose type_url is CDS, then ECDS.
+        let mut a = Vec::new();
+        prost::encoding::string::encode(1, &CDS.to_string(), &mut a);
+        prost::encoding::bytes::encode(2, &vec![1u8; 100], &mut a);
+        prost::encoding::string::encode(1, &ECDS.to_string(), &mut a);
+        assert_eq!(Any::decode(&a[..]).unwrap().type_url, ECDS);
+        let mut b = Vec::new();
+        prost::encoding::bytes::encode(2, &a, &mut b);
+        for n in 0..b.len() {
+            assert_eq!(
+                kind(&b[..n], false, Shape::Sotw, ECDS),
+                Kind::NeedMore,
+                "{n}"
+            );
+        }
+        assert_eq!(kind(&b, false, Shape::Sotw, ECDS), Kind::Whole);
+        // Delta: the envelope's body written twice merges; the second type_url wins.
+        let mut env = Vec::new();
+        prost::encoding::message::encode(2, &any(CDS, 50), &mut env);
+        prost::encoding::message::encode(2, &any(ECDS, 0), &mut env);
+        assert_eq!(
+            Resource::decode(&env[..])
+                .unwrap()
+                .resource
+                .unwrap()
+                .type_url,
+            ECDS
+        );
+        let mut b = Vec::new();
+        prost::encoding::bytes::encode(2, &env, &mut b);
+        assert_eq!(kind(&b, false, Shape::Delta, ECDS), Kind::Whole);
+        // ... and a body without a type_url keeps the earlier one.
+        let mut env = Vec::new();
+        prost::encoding::message::encode(2, &any(CDS, 50), &mut env);
+        prost::encoding::message::encode(2, &any("", 5), &mut env);
+        let mut b = Vec::new();
+        prost::encoding::bytes::encode(2, &env, &mut b);
+        assert_eq!(kind(&b, false, Shape::Delta, ECDS), Kind::Relay);
+    }
+
+    #[test]
+    fn a_first_resource_larger_than_the_look_is_judged_by_its_leading_type_url() {
+        for (shape, t, want) in [
+            (Shape::Sotw, CDS, Kind::Relay),
+            (Shape::Sotw, ECDS, Kind::Whole),
+            (Shape::Delta, CDS, Kind::Relay),
+            (Shape::Delta, ECDS, Kind::Whole),
+        ] {
+            let big = any(t, 2 * LOOK_LIMIT);
+            let resource = match shape {
+                Shape::Sotw => big.encode_to_vec(),
+                Shape::Delta => Resource {
+                    name: "r".into(),
+                    resource: Some(big),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            };
+            let mut b = Vec::new();
+            prost::encoding::bytes::encode(2, &resource, &mut b);
+            assert_eq!(
+                kind(&b[..LOOK_LIMIT - 1], false, shape, ECDS),
+                Kind::NeedMore
+            );
+            assert_eq!(kind(&b[..LOOK_LIMIT], false, shape, ECDS), want, "{t}");
+        }
     }
 
     #[test]

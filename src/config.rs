@@ -166,7 +166,8 @@ pub struct RunArgs {
     /// Longest the control plane may go silent in the middle of a response. Past it the stream
     /// ends with UNAVAILABLE and Envoy reconnects: a large response is relayed to Envoy as it
     /// arrives, and one cut off mid-way would otherwise hold every later update on that
-    /// stream, the agent's ECDS deliveries included. Pauses between responses are not timed.
+    /// stream, the agent's ECDS deliveries included. Timed between arrivals of data (a slow
+    /// but steady response is fine); pauses between responses are not timed.
     #[arg(long, env = "ECDS_AGENT_RESPONSE_STALL_TIMEOUT", default_value = "30s",
           value_parser = parse_positive_duration, value_name = "DURATION")]
     pub response_stall_timeout: Duration,

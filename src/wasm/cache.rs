@@ -151,12 +151,36 @@ impl Cache {
     }
 
     /// Persists the index if it changed, and returns once every change made before the call
-    /// is on disk. Saves are serialised and never run under the state lock; callers queued
-    /// behind one save are all covered by the next, so a burst of changes costs two writes,
-    /// not one each.
+    /// is on disk — or once writing it failed (logged; the change stays unsaved and the next
+    /// save writes it). Saves are serialised and never run under the state lock; callers
+    /// queued behind one save are all covered by the next, so a burst of changes costs two
+    /// writes, not one each.
     pub async fn save(&self) {
         let want = self.lock().edits;
         let _g = self.save_lock.lock().await;
+        self.write_index(want).await;
+    }
+
+    /// [`Cache::save`] on a background task, for whoever does not need the index on disk now
+    /// (a cache hit). At most one such task waits for the save lock at a time: its save, taken
+    /// once it holds the lock, covers every hit that found it queued.
+    pub fn save_soon(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.save_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _g = me.save_lock.lock().await;
+            me.save_queued.swap(false, Ordering::AcqRel);
+            let want = me.lock().edits;
+            me.write_index(want).await;
+        });
+    }
+
+    /// Writes the index unless change number `want` is already on disk (the caller holds
+    /// `save_lock`).
+    async fn write_index(&self, want: u64) {
         let (upto, snapshot) = {
             let st = self.lock();
             if st.saved >= want {
@@ -181,24 +205,6 @@ impl Cache {
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the cache index; will retry"),
             Err(e) => tracing::warn!(error = %e, "cache index save task failed"),
         }
-    }
-
-    /// [`Cache::save`] on a background task: saves coalesce (a save finding nothing dirty
-    /// returns at once), and whoever needs the index on disk now awaits `save` instead.
-    pub fn save_soon(self: &Arc<Self>) {
-        // One background save at a time: a hit while one is queued adds nothing to do.
-        if self
-            .save_queued
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            return;
-        }
-        let me = self.clone();
-        tokio::spawn(async move {
-            me.save_queued
-                .store(false, std::sync::atomic::Ordering::Release);
-            me.save().await
-        });
     }
 
     /// The cached module `sha`, if its file is still there (a vanished file drops the entry).

@@ -6,7 +6,7 @@
 //! Pure bookkeeping: no I/O, no locking (the cache's state lock guards it). What a change
 //! means for the disk (publishing the lease, refreshing last use) is `retention`'s.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// A live ECDS resource: the stream that owns it and its name.
 pub type PinKey = (u64, String);
@@ -14,6 +14,8 @@ pub type PinKey = (u64, String);
 #[derive(Debug, Default)]
 pub struct Pins {
     by_key: HashMap<PinKey, String>,
+    /// The resource names each stream pins, so a closing stream costs its own pins only.
+    by_owner: HashMap<u64, HashSet<String>>,
     uses: HashMap<String, usize>,
 }
 
@@ -27,16 +29,29 @@ pub struct PinChange {
 }
 
 impl Pins {
-    /// `key` now uses `sha` (`None`: no module).
+    /// `key` now uses `sha` (`None`: no module). Pinning a resource to the module it already
+    /// uses changes nothing (its last use is refreshed by the cache lookup itself).
     pub fn set(&mut self, key: PinKey, sha: Option<&str>) -> PinChange {
         let mut change = PinChange::default();
         let old = match sha {
             Some(s) if self.by_key.get(&key).is_some_and(|o| o == s) => return change,
             Some(s) => {
                 change.set_changed |= self.add_use(s);
+                self.by_owner
+                    .entry(key.0)
+                    .or_default()
+                    .insert(key.1.clone());
                 self.by_key.insert(key, s.to_owned())
             }
-            None => self.by_key.remove(&key),
+            None => {
+                if let Some(names) = self.by_owner.get_mut(&key.0) {
+                    names.remove(&key.1);
+                    if names.is_empty() {
+                        self.by_owner.remove(&key.0);
+                    }
+                }
+                self.by_key.remove(&key)
+            }
         };
         if let Some(old) = old {
             change.set_changed |= self.drop_use(&old);
@@ -48,14 +63,8 @@ impl Pins {
     /// Drops every pin of `owner` (a stream that closed).
     pub fn release_owner(&mut self, owner: u64) -> PinChange {
         let mut change = PinChange::default();
-        let keys: Vec<PinKey> = self
-            .by_key
-            .keys()
-            .filter(|(o, _)| *o == owner)
-            .cloned()
-            .collect();
-        for key in keys {
-            if let Some(sha) = self.by_key.remove(&key) {
+        for name in self.by_owner.remove(&owner).unwrap_or_default() {
+            if let Some(sha) = self.by_key.remove(&(owner, name)) {
                 change.set_changed |= self.drop_use(&sha);
                 change.released.push(sha);
             }
@@ -146,5 +155,10 @@ mod tests {
         assert!(c.set_changed);
         assert!(p.shas().is_empty());
         assert_eq!(p.release_owner(2), PinChange::default());
+        // An owner whose pins were all unset one by one has nothing left to release.
+        p.set(key(3, "a"), Some("x"));
+        p.set(key(3, "a"), None);
+        assert!(p.by_owner.is_empty());
+        assert_eq!(p.release_owner(3), PinChange::default());
     }
 }

@@ -267,8 +267,9 @@ pub struct ResponseReader {
     stall: std::time::Duration,
     /// The type that must be read whole (ECDS), or `None` to relay every large message.
     intercepted: Option<&'static str>,
-    /// Trailers seen: the body is over.
-    ended: Option<Status>,
+    /// The body is over: with the control plane's status (`true`: from its trailers) or one
+    /// made here when it sent none.
+    ended: Option<(Status, bool)>,
     /// An end met while batching, reported by the next read.
     deferred: Option<ReadEnd>,
 }
@@ -318,8 +319,9 @@ impl ResponseReader {
             };
             match frame {
                 None => {
-                    self.ended = Some(Status::unknown(
-                        "the control plane ended the stream without a grpc-status",
+                    self.ended = Some((
+                        Status::unknown("the control plane ended the stream without a grpc-status"),
+                        false,
                     ));
                 }
                 Some(Err(status)) => return Err(ReadEnd::Broken(status)),
@@ -328,9 +330,15 @@ impl ResponseReader {
                     Ok(data) => return Ok(Pulled::Data(data)),
                     Err(frame) => {
                         if let Ok(t) = frame.into_trailers() {
-                            self.ended = Some(Status::from_header_map(&t).unwrap_or_else(|| {
-                                Status::unknown("the control plane's trailers have no grpc-status")
-                            }));
+                            self.ended = Some(match Status::from_header_map(&t) {
+                                Some(s) => (s, true),
+                                None => (
+                                    Status::unknown(
+                                        "the control plane's trailers have no grpc-status",
+                                    ),
+                                    false,
+                                ),
+                            });
                         }
                     }
                 },
@@ -352,12 +360,12 @@ impl ResponseReader {
     /// The end of the stream, once the body is over. A control plane that ends with an error
     /// status in the middle of a message is reported with its own status.
     fn end(&mut self, mid_message: bool) -> ReadEnd {
-        let status = self.ended.take();
+        let ended = self.ended.take();
         if !mid_message {
-            return ReadEnd::Status(status.unwrap_or_else(|| Status::ok("")));
+            return ReadEnd::Status(ended.map_or_else(|| Status::ok(""), |(s, _)| s));
         }
-        match status {
-            Some(s) if s.code() != tonic::Code::Ok => ReadEnd::Status(Status::new(
+        match ended {
+            Some((s, true)) if s.code() != tonic::Code::Ok => ReadEnd::Status(Status::new(
                 s.code(),
                 format!("{} (in the middle of a message)", s.message()),
             )),
@@ -583,6 +591,30 @@ mod tests {
         assert!(matches!(end, ReadEnd::Broken(s) if s.message().contains("compressed")));
         let (_, end) = read_all(Bytes::new(), 1, Status::permission_denied("no")).await;
         assert!(matches!(end, ReadEnd::Status(s) if s.code() == tonic::Code::PermissionDenied));
+        // Trailers without a grpc-status mid-message: the break is reported, not a status the
+        // control plane never sent.
+        let cut = big.slice(..3000);
+        let mut r = ResponseReader::new(
+            tonic::body::Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+                vec![
+                    Ok::<_, Status>(Frame::data(cut)),
+                    Ok(Frame::trailers(HeaderMap::new())),
+                ],
+            ))),
+            1 << 20,
+            Shape::Sotw,
+            std::time::Duration::from_secs(5),
+            None,
+        );
+        let end = match r.next().await {
+            Ok(Next::Relay { remaining, .. }) => r.chunks(remaining).await.err(),
+            Ok(Next::Whole(_)) => None,
+            Err(e) => Some(e),
+        };
+        assert!(
+            matches!(&end, Some(ReadEnd::Broken(s)) if s.code() == tonic::Code::Internal),
+            "{end:?}"
+        );
         // An error status in the middle of a message is the control plane's, not ours.
         let (_, end) = read_all(big.slice(..3000), 1000, Status::resource_exhausted("quota")).await;
         assert!(
@@ -612,8 +644,13 @@ mod tests {
             )
         };
         use futures::StreamExt;
-        // Between messages: an idle control plane is waited for.
+        // Between messages: an idle control plane is waited for, before the first message
+        // and after a whole one.
         let mut r = reader(vec![]);
+        assert!(tokio::time::timeout(stall * 3, r.next()).await.is_err());
+        let one = wire::frame(&response(crate::proto::type_url::CLUSTER, 1));
+        let mut r = reader(vec![one.clone()]);
+        assert!(matches!(r.next().await, Ok(Next::Whole(b)) if b == one));
         assert!(tokio::time::timeout(stall * 3, r.next()).await.is_err());
         // A small message (read whole) and a large one (relayed) broken off: both stall.
         let small = wire::frame(&response(crate::proto::type_url::CLUSTER, 1));

@@ -7,8 +7,9 @@
 //! kind of a large response is read from the type of its first resource (`Any.type_url`,
 //! inside a Delta `Resource` envelope when Delta), once that resource is all there. Protobuf
 //! keeps the *last* value of a field written twice, so nothing is decided from a value a later
-//! one could override: a `type_url` ahead of the resources sends the response to be read
-//! whole, and a response read whole is judged by its last `type_url`. Two shapes are judged
+//! one could override: a `type_url` ahead of the resources sends an ECDS response to be read
+//! whole (any other still waits for its first resource), and a response read whole is judged by
+//! its last `type_url`. Two shapes are judged
 //! otherwise, both malformed or contrived: a `type_url` ECDS written after a first resource of
 //! another type is relayed untouched, and Envoy rejects it for the type mismatch (each
 //! resource's type must be the response's) as it would without the agent; and a first
@@ -271,10 +272,22 @@ fn look(prefix: &[u8], shape: Shape, intercepted: &str) -> Kind {
     let mut at = 0;
     while at < prefix.len() {
         match field(&prefix[at..]) {
-            Field::Len { number: 4, .. } => {
-                // The response's own type_url ahead of its resources: not how encoders write
-                // it, and a later one would override it. Judged whole, by its last type_url.
-                return Kind::Whole;
+            Field::Len {
+                number: 4,
+                payload,
+                complete,
+                next,
+            } => {
+                // The response's own type_url ahead of its resources (not how encoders write
+                // it): ECDS is read whole; anything else still waits for the first resource,
+                // as a later type_url could say ECDS.
+                if !complete {
+                    return Kind::NeedMore;
+                }
+                if of_type(payload) == Kind::Whole {
+                    return Kind::Whole;
+                }
+                at += next;
             }
             Field::Len {
                 number: 2,
@@ -372,16 +385,42 @@ mod tests {
     }
 
     #[test]
-    fn a_type_url_ahead_of_the_resources_is_read_whole_and_the_last_one_counts() {
+    fn a_type_url_ahead_of_the_resources_never_decides_a_relay_alone() {
+        let ahead = |t: &str, first: &str| {
+            let mut b = Vec::new();
+            prost::encoding::string::encode(4, &t.to_string(), &mut b);
+            prost::encoding::message::encode(2, &any(first, 100), &mut b);
+            b
+        };
+        // ECDS ahead: read whole as soon as it is there, whatever follows.
+        let b = ahead(ECDS, CDS);
+        assert_eq!(
+            kind(&b[..ECDS.len() + 2], false, Shape::Sotw, ECDS),
+            Kind::Whole
+        );
+        // Another type ahead: the first resource still decides.
+        let b = ahead(CDS, CDS);
+        assert_eq!(
+            kind(&b[..CDS.len() + 5], false, Shape::Sotw, ECDS),
+            Kind::NeedMore
+        );
+        assert_eq!(kind(&b, false, Shape::Sotw, ECDS), Kind::Relay);
+        assert_eq!(
+            kind(&ahead(CDS, ECDS), false, Shape::Sotw, ECDS),
+            Kind::Whole
+        );
+    }
+
+    #[test]
+    fn a_response_read_whole_is_judged_by_its_last_type_url() {
         // type_url CDS first, ECDS resources, then type_url ECDS: protobuf reads ECDS.
         let mut b = Vec::new();
         prost::encoding::string::encode(4, &CDS.to_string(), &mut b);
-        let early = b.len();
         prost::encoding::message::encode(2, &any(ECDS, 100), &mut b);
         prost::encoding::string::encode(5, &"n1".to_string(), &mut b);
         prost::encoding::string::encode(4, &ECDS.to_string(), &mut b);
-        for n in early..b.len() {
-            assert_eq!(kind(&b[..n], false, Shape::Sotw, ECDS), Kind::Whole, "{n}");
+        for n in 0..b.len() {
+            assert_ne!(kind(&b[..n], false, Shape::Sotw, ECDS), Kind::Relay, "{n}");
         }
         assert_eq!(string_of(&b, 4), Some(ECDS));
         assert_eq!(DiscoveryResponse::decode(&b[..]).unwrap().type_url, ECDS);
@@ -412,7 +451,7 @@ mod tests {
         let cds = resp(CDS);
         let k = decided(&cds, Shape::Delta);
         let first = k.iter().position(|k| *k != Kind::NeedMore).unwrap();
-        assert!(first < 5100, "decided after {first} bytes");
+        assert!(first > 5000 && first < 5100, "decided after {first} bytes");
         assert!(k[first..].iter().all(|k| *k == Kind::Relay));
         assert!(decided(&resp(ECDS), Shape::Delta)
             .iter()

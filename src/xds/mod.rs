@@ -42,7 +42,7 @@ pub struct ProxyConfig {
     pub max_request_bytes: usize,
     /// Largest gRPC message accepted from the control plane.
     pub max_response_bytes: usize,
-    /// Longest pause of the control plane in the middle of a relayed response.
+    /// Longest silence of the control plane in the middle of a response.
     pub response_stall_timeout: std::time::Duration,
     /// Most Envoy streams open at once; a new stream past it ends the oldest one.
     pub max_streams: usize,

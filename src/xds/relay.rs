@@ -545,6 +545,16 @@ mod tests {
         }
     }
 
+    /// How reading the first message ends: `None` if it arrives whole (or its first relay
+    /// batch does).
+    async fn first_end(r: &mut ResponseReader) -> Option<ReadEnd> {
+        match r.next().await {
+            Ok(Next::Relay { remaining, .. }) => r.chunks(remaining).await.err(),
+            Ok(Next::Whole(_)) => None,
+            Err(e) => Some(e),
+        }
+    }
+
     #[tokio::test]
     async fn large_non_ecds_messages_are_relayed_and_the_rest_read_whole() {
         let msgs = [
@@ -606,11 +616,7 @@ mod tests {
             std::time::Duration::from_secs(5),
             None,
         );
-        let end = match r.next().await {
-            Ok(Next::Relay { remaining, .. }) => r.chunks(remaining).await.err(),
-            Ok(Next::Whole(_)) => None,
-            Err(e) => Some(e),
-        };
+        let end = first_end(&mut r).await;
         assert!(
             matches!(&end, Some(ReadEnd::Broken(s)) if s.code() == tonic::Code::Internal),
             "{end:?}"
@@ -660,12 +666,7 @@ mod tests {
             small.slice(..3),
             large.slice(..100_000),
         ] {
-            let mut r = reader(vec![cut]);
-            let end = match r.next().await {
-                Ok(Next::Relay { remaining, .. }) => r.chunks(remaining).await.err(),
-                Ok(Next::Whole(_)) => None,
-                Err(e) => Some(e),
-            };
+            let end = first_end(&mut reader(vec![cut])).await;
             assert!(
                 matches!(end, Some(ReadEnd::Stalled(d)) if d == stall),
                 "{end:?}"

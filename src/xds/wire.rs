@@ -143,33 +143,41 @@ fn field(b: &[u8]) -> Field<'_> {
     }
 }
 
+/// The fields at the front of `b` (a possibly truncated message), in order. The walk ends
+/// after the first field that is not all there (a partial length-delimited one, an incomplete
+/// or an invalid one), which is yielded last.
+fn walk(b: &[u8]) -> impl Iterator<Item = Field<'_>> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= b.len() {
+            return None;
+        }
+        let f = field(&b[at..]);
+        match &f {
+            Field::Len {
+                complete: true,
+                next,
+                ..
+            }
+            | Field::Other { next } => at += next,
+            _ => at = b.len(),
+        }
+        Some(f)
+    })
+}
+
 /// The fields of a whole message, in order: each field's number and, when length-delimited,
 /// its payload; an `Err` (and the end) where `msg` is truncated or malformed.
 fn fields(msg: &[u8]) -> impl Iterator<Item = Result<(u64, Option<&[u8]>), ()>> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        if at >= msg.len() {
-            return None;
-        }
-        match field(&msg[at..]) {
-            Field::Len {
-                number,
-                payload,
-                complete: true,
-                next,
-            } => {
-                at += next;
-                Some(Ok((number, Some(payload))))
-            }
-            Field::Other { next } => {
-                at += next;
-                Some(Ok((0, None)))
-            }
-            Field::Len { .. } | Field::Incomplete | Field::Invalid => {
-                at = msg.len();
-                Some(Err(()))
-            }
-        }
+    walk(msg).map(|f| match f {
+        Field::Len {
+            number,
+            payload,
+            complete: true,
+            ..
+        } => Ok((number, Some(payload))),
+        Field::Other { .. } => Ok((0, None)),
+        Field::Len { .. } | Field::Incomplete | Field::Invalid => Err(()),
     })
 }
 
@@ -200,25 +208,16 @@ pub fn string_of(msg: &[u8], number: u64) -> Option<&str> {
 /// The first length-delimited field `number` of a possibly truncated message: its bytes so
 /// far and whether they are all there; `None` if it is not (yet) there or `b` is malformed.
 fn first_of(b: &[u8], number: u64) -> Option<(&[u8], bool)> {
-    let mut at = 0;
-    while at < b.len() {
-        match field(&b[at..]) {
+    for f in walk(b) {
+        match f {
             Field::Len {
                 number: n,
                 payload,
                 complete,
-                next,
-            } => {
-                if n == number {
-                    return Some((payload, complete));
-                }
-                if !complete {
-                    return None;
-                }
-                at += next;
-            }
-            Field::Other { next } => at += next,
-            Field::Incomplete | Field::Invalid => return None,
+                ..
+            } if n == number => return Some((payload, complete)),
+            Field::Len { complete: true, .. } | Field::Other { .. } => {}
+            Field::Len { .. } | Field::Incomplete | Field::Invalid => return None,
         }
     }
     None
@@ -269,14 +268,13 @@ fn look(prefix: &[u8], shape: Shape, intercepted: &str) -> Kind {
             Kind::Relay
         }
     };
-    let mut at = 0;
-    while at < prefix.len() {
-        match field(&prefix[at..]) {
+    for f in walk(prefix) {
+        match f {
             Field::Len {
                 number: 4,
                 payload,
                 complete,
-                next,
+                ..
             } => {
                 // The response's own type_url ahead of its resources (not how encoders write
                 // it): ECDS is read whole; anything else still waits for the first resource,
@@ -287,7 +285,6 @@ fn look(prefix: &[u8], shape: Shape, intercepted: &str) -> Kind {
                 if of_type(payload) == Kind::Whole {
                     return Kind::Whole;
                 }
-                at += next;
             }
             Field::Len {
                 number: 2,
@@ -317,7 +314,7 @@ fn look(prefix: &[u8], shape: Shape, intercepted: &str) -> Kind {
             Field::Len {
                 complete: false, ..
             } => return Kind::NeedMore,
-            Field::Len { next, .. } | Field::Other { next } => at += next,
+            Field::Len { .. } | Field::Other { .. } => {}
             Field::Incomplete => break,
             Field::Invalid => return Kind::Whole,
         }

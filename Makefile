@@ -16,7 +16,7 @@ DEB_PKGS := docker-registry skopeo wabt apache2-utils openssl curl jq clang lld 
 PLUGIN_DIR := testdata/plugins/basic_auth
 PLUGIN_CFLAGS := --target=wasm32-wasi -O2 -mexec-model=reactor -Wl,--strip-all
 
-.PHONY: all build test test-deps deps envoy grpcio demo lint bench plugin plugin-check clean
+.PHONY: all build test test-deps deps envoy grpcio demo lint bench plugin plugin-check clean fuzz image
 
 all: build
 
@@ -84,7 +84,7 @@ demo: deps build
 ## FUZZ_SECONDS; new inputs land in fuzz/corpus/<target>, crashes in fuzz/artifacts/<target>.
 ## `make test` replays the corpora and fuzz/regressions/ (tests/fuzz_corpus.rs) without libFuzzer.
 FUZZ_SECONDS ?= 600
-FUZZ_TARGETS := ecds_resource typed_struct oci_manifest unbox docker_config url wasm_validate
+FUZZ_TARGETS := ecds_resource typed_struct oci_manifest unbox docker_config url canonical wasm_validate
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

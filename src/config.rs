@@ -270,6 +270,12 @@ pub struct CacheArgs {
     #[arg(long, env = "ECDS_AGENT_VERIFY_POLICY", value_parser = existing_file, value_name = "FILE")]
     pub verify_policy: Option<PathBuf>,
 
+    /// How long a requester's right to pull a private cached module (its credentials × the
+    /// repository, shown by one manifest HEAD) is remembered; 0 = check on every cache hit.
+    #[arg(long, env = "ECDS_AGENT_PULL_AUTH_TTL", default_value = "5m", value_parser = parse_duration,
+          value_name = "DURATION")]
+    pub pull_auth_ttl: Duration,
+
     /// Extra PEM CA bundle trusted for HTTPS module servers and OCI registries (besides system roots).
     #[arg(long, env = "ECDS_AGENT_FETCH_CA", value_parser = existing_file, value_name = "FILE")]
     pub fetch_ca: Option<PathBuf>,
@@ -336,6 +342,7 @@ impl CacheArgs {
                 )),
                 None => None,
             },
+            auth_ttl: self.pull_auth_ttl,
         })
     }
 
@@ -359,7 +366,8 @@ impl CacheArgs {
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(str::to_owned)
+            // Compared with canonical registry names (`*` stays `*`).
+            .map(crate::wasm::url::canonical_name)
             .collect()
     }
 
@@ -411,7 +419,10 @@ pub struct FetchArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FetchPolicy {
+    /// Istio's spelling is accepted too.
+    #[value(alias = "IfNotPresent")]
     IfNotPresent,
+    #[value(alias = "Always")]
     Always,
 }
 

@@ -100,6 +100,36 @@ pub fn url(data: &[u8]) {
     }
 }
 
+/// Canonicalisation: a canonical URL is a fixed point (parsing it again gives itself), its
+/// registry is canonical too, and two spellings never reach the cache as different names.
+pub fn canonical(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = crate::wasm::url::canonical_registry(s);
+    for url in [s.to_owned(), format!("oci://{s}"), format!("oci://{s}/r:1")] {
+        let Ok(u) = crate::wasm::url::ModuleUrl::parse(&url) else {
+            continue;
+        };
+        let c = u.canonical();
+        let again = crate::wasm::url::ModuleUrl::parse(&c)
+            .unwrap_or_else(|e| panic!("{url:?} → {c:?} does not parse: {e}"));
+        assert_eq!(
+            again.canonical(),
+            c,
+            "{url:?}: canonical form is not a fixed point"
+        );
+        assert_eq!(again.policy_name(), u.policy_name(), "{url:?}");
+        if let crate::wasm::url::ModuleUrl::Oci(r) = &u {
+            assert_eq!(
+                crate::wasm::url::canonical_registry(&r.registry).as_deref(),
+                Ok(r.registry.as_str()),
+                "{url:?}"
+            );
+        }
+    }
+}
+
 /// The streaming Wasm validator.
 pub fn wasm_validate(data: &[u8]) {
     let _ = crate::wasm::verify::validate(data);
@@ -116,5 +146,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("unbox", unbox),
     ("docker_config", docker_config),
     ("url", url),
+    ("canonical", canonical),
     ("wasm_validate", wasm_validate),
 ];

@@ -10,16 +10,18 @@ use support::{Agent, ControlPlane};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn get_from(source: &str, admin: &str, path: &str) -> u16 {
+    body_from(source, admin, path).await.0
+}
+
+async fn body_from(source: &str, admin: &str, path: &str) -> (u16, String) {
     let client = reqwest::Client::builder()
         .local_address(source.parse::<std::net::IpAddr>().unwrap())
         .build()
         .unwrap();
-    client
-        .get(format!("http://{admin}{path}"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
+    match client.get(format!("http://{admin}{path}")).send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
 }
 
 #[tokio::test]
@@ -42,6 +44,15 @@ async fn debug_pages_answer_allowed_clients_only() {
         get_from("127.0.0.2", &agent.admin, "/debug/wasm").await,
         200
     );
+    // /stats: metric lines for everyone, the cache's details for allowed clients only.
+    let (code, body) = agent.get("/stats").await;
+    assert_eq!(code, 200);
+    assert!(!body.contains("cache_dir"), "{body}");
+    assert!(body.contains("--admin-debug-cidrs"), "{body}");
+    assert!(body.contains("istio_agent_"), "{body}");
+    let (code, body) = body_from("127.0.0.2", &agent.admin, "/stats").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("cache_dir"), "{body}");
 }
 
 #[tokio::test]

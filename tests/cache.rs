@@ -51,6 +51,7 @@ async fn cache_in(dir: &std::path::Path, o: Opts) -> Arc<Cache> {
         docker_config: None,
         registries: Default::default(),
         verify: None,
+        auth_ttl: Duration::from_secs(300),
     })
     .await
     .unwrap()
@@ -373,6 +374,7 @@ async fn tls_registry_with_pull_secrets() {
         .unwrap();
     assert_eq!(std::fs::read(&m.path).unwrap(), wasm);
 
+    // Cached by now, but private: a requester whose secret is unusable does not get it.
     let err = cache
         .get(
             &url,
@@ -381,11 +383,23 @@ async fn tls_registry_with_pull_secrets() {
                 ..opts()
             },
         )
-        .await;
-    assert!(
-        err.is_ok(),
-        "cached by now: the secret is not needed for a hit"
-    );
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("pull secret"), "{err}");
+    // The good secret, proven by the download within the TTL: a hit with no network.
+    let blobs = reg.blob_gets("wasm/private");
+    let m = cache
+        .get(
+            &url,
+            GetOptions {
+                pull_secret: Some(pull_secret(&reg.addr, USER, PASS)),
+                ..opts()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!m.fetched);
+    assert_eq!(reg.blob_gets("wasm/private"), blobs);
 }
 
 #[tokio::test]

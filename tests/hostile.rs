@@ -250,12 +250,29 @@ fn blocked_addresses_are_refused_at_every_hop() {
 
 #[test]
 fn an_unsafe_bearer_realm_gets_no_credentials() {
+    realm_case(false);
+}
+
+/// The realm is checked on the request that carries the credentials, not on a probe: a
+/// registry whose first answer names a harmless token endpoint and every later one a loopback
+/// literal still gets no credentials sent there.
+#[test]
+fn a_realm_that_changes_after_the_first_answer_gets_no_credentials() {
+    realm_case(true);
+}
+
+/// A "registry" that sends clients to a token endpoint on a loopback literal (think
+/// 169.254.169.254) — from its first answer, or only after a harmless first answer when
+/// `flip`: the agent must refuse before anything is sent there.
+fn realm_case(flip: bool) {
     let dir = tempfile::tempdir().unwrap();
-    // A "registry" that sends clients to a token endpoint on a loopback literal (think
-    // 169.254.169.254): the agent must refuse before anything is sent there.
     let token_host = redirector("127.0.0.1", dir.path(), false);
     let realm = format!("http://127.0.0.1:{}/token", token_host.port);
-    let reg = redirector_with("127.0.0.1", dir.path(), false, &["--realm", &realm]);
+    let mut extra = vec!["--realm", &realm];
+    if flip {
+        extra.extend(["--realm-first", "http://tokens.invalid/token"]);
+    }
+    let reg = redirector_with("127.0.0.1", dir.path(), false, &extra);
     let secret = dir.path().join("secret.json");
     std::fs::write(
         &secret,
@@ -274,7 +291,7 @@ fn an_unsafe_bearer_realm_gets_no_credentials() {
         ],
         &[],
     );
-    assert!(!out.status.success());
+    assert!(!out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("rejected unsafe bearer realm"),
         "{}",
@@ -283,7 +300,8 @@ fn an_unsafe_bearer_realm_gets_no_credentials() {
     assert!(!text(&out).contains("hunter2"));
     assert!(
         token_host.requests().is_empty(),
-        "credentials went to the realm"
+        "credentials went to the realm: {:?}",
+        token_host.requests()
     );
 }
 
@@ -498,6 +516,21 @@ fn gzip_bombs_and_absurd_tar_sizes_are_refused() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar).unwrap();
     std::fs::write(www.join("absurd.tar.gz"), gz.finish().unwrap()).unwrap();
+    // A small tar.gz of 100 000 empty `.wasm` entries: the error keeps a count and a few names.
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    for i in 0..100_000 {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, format!("m/{i:06}.wasm"), std::io::empty())
+            .unwrap();
+    }
+    let names = b.into_inner().unwrap().finish().unwrap();
+    std::fs::write(www.join("names.tar.gz"), names).unwrap();
 
     let port = support::free_port();
     let mut srv = Command::new(python())
@@ -528,6 +561,10 @@ fn gzip_bombs_and_absurd_tar_sizes_are_refused() {
             "absurd.tar.gz",
             "is 1099511627776 bytes, over the 67108864-byte limit",
         ),
+        (
+            "names.tar.gz",
+            "100000 .wasm files and no plugin.wasm: m/000000.wasm",
+        ),
     ] {
         let cache = dir.path().join(format!("cache-{name}"));
         let started = std::time::Instant::now();
@@ -540,6 +577,7 @@ fn gzip_bombs_and_absurd_tar_sizes_are_refused() {
         let t = text(&out);
         assert!(!out.status.success(), "{name}: {t}");
         assert!(t.contains(want), "{name}: want {want:?} in {t}");
+        assert!(t.len() < 8 << 10, "{name}: {} bytes of output", t.len());
         assert!(
             started.elapsed() < std::time::Duration::from_secs(15),
             "{name}: took {:?}",

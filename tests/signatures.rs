@@ -440,15 +440,25 @@ async fn push_bundle_referrer(reg: &Registry, repo: &str, subject: &str, bundle:
 /// A sigstore bundle v0.3 with a DSSE envelope over an in-toto statement naming `subject`,
 /// signed (DSSE PAE) with `key` by openssl.
 fn bundle(dir: &Path, key: &Path, subject: &str) -> Vec<u8> {
+    dsse_bundle(
+        dir,
+        key,
+        subject,
+        "https://sigstore.dev/cosign/sign/v1",
+        "application/vnd.in-toto+json",
+    )
+}
+
+/// [`bundle`] with another predicate (an attestation: SBOM, scan result) or payload type.
+fn dsse_bundle(dir: &Path, key: &Path, subject: &str, predicate: &str, ptype: &str) -> Vec<u8> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let statement = serde_json::to_vec(&serde_json::json!({
         "_type": "https://in-toto.io/Statement/v1",
         "subject": [{"name": "plugin", "digest": {"sha256": subject.trim_start_matches("sha256:")}}],
-        "predicateType": "https://sigstore.dev/cosign/sign/v1",
+        "predicateType": predicate,
         "predicate": {}
     }))
     .unwrap();
-    let ptype = "application/vnd.in-toto+json";
     let mut pae = format!("DSSEv1 {} {ptype} {} ", ptype.len(), statement.len()).into_bytes();
     pae.extend_from_slice(&statement);
     serde_json::to_vec(&serde_json::json!({
@@ -563,4 +573,194 @@ async fn an_image_signed_by_cosign_v3_with_a_bundle_verifies() {
         "{}",
         text(&out)
     );
+}
+
+fn fetch_url(url: &str, insecure: &str, policy: Option<&Path>, cache: &Path) -> Output {
+    let mut cmd = Command::new(support::agent::BIN);
+    cmd.args([
+        "fetch",
+        url,
+        "--pull-policy",
+        "IfNotPresent",
+        "--insecure-registries",
+        insecure,
+    ]);
+    if let Some(p) = policy {
+        cmd.arg("--verify-policy").arg(p);
+    }
+    cmd.arg("--cache-dir").arg(cache).output().unwrap()
+}
+
+fn cached_modules(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("modules"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The policy matches the canonical name: every spelling of a registry meets the same rule.
+#[tokio::test]
+async fn every_spelling_of_a_registry_meets_the_same_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, good_pub) = key_pair(dir.path(), "good");
+    let reg = Registry::plain().await;
+    let port = reg.addr.rsplit(':').next().unwrap().to_owned();
+    reg.push("sc/x", "v1", &module("spelling"), Layout::Docker)
+        .await;
+    let rules = policy(
+        dir.path(),
+        &format!(
+            "[[rule]]\nmatch = \"localhost:{port}/sc/*\"\npublic_key = \"{}\"\n\
+             [[rule]]\nmatch = \"*\"\naction = \"allow-unsigned\"\n",
+            good_pub.display()
+        ),
+    );
+    let cache = dir.path().join("cache");
+    let listed = format!("localhost:{port}");
+    for host in ["localhost", "LOCALHOST", "LocalHost.", "localhost."] {
+        let url = format!("oci://{host}:{port}/sc/x:v1");
+        let out = fetch_url(&url, &listed, Some(&rules), &cache);
+        assert!(!out.status.success(), "{url} passed: {}", text(&out));
+        assert!(
+            text(&out).contains(&format!("localhost:{port}/sc/*")),
+            "{url}: the message names the rule: {}",
+            text(&out)
+        );
+        assert_eq!(cached_modules(&cache), 0, "{url}: nothing stored");
+    }
+}
+
+/// The policy in force applies to a cache hit as to a download: a module another process
+/// cached without a policy, or admitted under a key that was since replaced, or named by an
+/// https:// URL with its sha256, is refused (and not downloaded again when it passes).
+#[tokio::test]
+async fn a_cache_hit_meets_the_policy_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k1, k1_pub) = key_pair(dir.path(), "k1");
+    let (_, k2_pub) = key_pair(dir.path(), "k2");
+    let reg = Registry::plain().await;
+    let cache = dir.path().join("shared");
+    let rule = |key: &Path, name: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "[[rule]]\nmatch = \"*\"\npublic_key = \"{}\"\n",
+                key.display()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let (only_k1, only_k2) = (rule(&k1_pub, "k1.toml"), rule(&k2_pub, "k2.toml"));
+
+    // Process A, no policy, caches an unsigned module; process B (a key rule) is refused it.
+    let unsigned = module("hit-unsigned");
+    reg.push("hit/unsigned", "v1", &unsigned, Layout::Docker)
+        .await;
+    let url = reg.url("hit/unsigned:v1");
+    let out = fetch_url(&url, &reg.addr, None, &cache);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = fetch_url(&url, &reg.addr, Some(&only_k1), &cache);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("source: cache"), "{}", text(&out));
+    assert!(text(&out).contains("signature check"), "{}", text(&out));
+
+    // Admitted under k1; then the policy lists only k2: refused; k1 again: served from the
+    // cache with no registry request at all.
+    let signed = module("hit-signed");
+    let d = reg.push("hit/signed", "v1", &signed, Layout::Docker).await;
+    let p = payload("x", &d);
+    push_signature(&reg, "hit/signed", &d, &p, &sign(dir.path(), &k1, &p)).await;
+    let url = reg.url("hit/signed:v1");
+    let out = fetch_url(&url, &reg.addr, Some(&only_k1), &cache);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = fetch_url(&url, &reg.addr, Some(&only_k2), &cache);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no signature verifies with") && text(&out).contains("k2.pub"),
+        "{}",
+        text(&out)
+    );
+    let (gets, blobs) = (reg.manifest_gets("hit/signed"), reg.blob_gets("hit/signed"));
+    let out = fetch_url(&url, &reg.addr, Some(&only_k1), &cache);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("source: cache"), "{}", text(&out));
+    assert_eq!(
+        (reg.manifest_gets("hit/signed"), reg.blob_gets("hit/signed")),
+        (gets, blobs),
+        "a recorded verdict needs no registry request"
+    );
+
+    // An https:// URL naming the cached OCI module's sha256: a key rule refuses it before any
+    // lookup (only oci:// modules carry signatures).
+    let out = Command::new(support::agent::BIN)
+        .args([
+            "fetch",
+            "https://127.0.0.1:1/m.wasm",
+            "--sha256",
+            &sha256_hex(&signed),
+            "--verify-policy",
+        ])
+        .arg(&only_k1)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("only oci://"), "{}", text(&out));
+}
+
+/// Only a signature counts as a signature: a DSSE statement with another predicate (an SBOM or
+/// scan attestation) or payload type by the same key, and a simple-signing payload whose
+/// `critical.type` is not cosign's, are refused.
+#[tokio::test]
+async fn attestations_and_foreign_payloads_are_not_signatures() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "k");
+    let reg = Registry::plain().await;
+    let rules = policy(
+        dir.path(),
+        &format!(
+            "[[rule]]\nmatch = \"*\"\npublic_key = \"{}\"\n",
+            public.display()
+        ),
+    );
+    // An SBOM attestation, and a signing statement under another payload type.
+    for (repo, predicate, ptype, want) in [
+        (
+            "att/sbom",
+            "https://spdx.dev/Document",
+            "application/vnd.in-toto+json",
+            "attestation",
+        ),
+        (
+            "att/ptype",
+            "https://sigstore.dev/cosign/sign/v1",
+            "text/plain",
+            "payload type",
+        ),
+    ] {
+        let d = reg.push(repo, "1.0", &module(repo), Layout::Docker).await;
+        let b = dsse_bundle(dir.path(), &key, &d, predicate, ptype);
+        push_bundle_referrer(&reg, repo, &d, &b).await;
+        let out = fetch(&reg, &format!("{repo}:1.0"), &rules, &dir.path().join(repo));
+        assert!(!out.status.success(), "{repo}: {}", text(&out));
+        assert!(text(&out).contains(want), "{repo}: {}", text(&out));
+    }
+
+    let d = reg
+        .push("att/legacy", "1.0", &module("legacy-type"), Layout::Docker)
+        .await;
+    let p = serde_json::to_vec(&serde_json::json!({
+        "critical": {
+            "identity": {"docker-reference": "x"},
+            "image": {"docker-manifest-digest": d},
+            "type": "https://example.com/attestation"
+        }
+    }))
+    .unwrap();
+    push_signature(&reg, "att/legacy", &d, &p, &sign(dir.path(), &key, &p)).await;
+    let out = fetch(&reg, "att/legacy:1.0", &rules, &dir.path().join("c3"));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("critical.type"), "{}", text(&out));
 }

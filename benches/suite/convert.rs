@@ -31,6 +31,7 @@ async fn cache(dir: &std::path::Path) -> std::sync::Arc<Cache> {
         docker_config: None,
         registries: Default::default(),
         verify: None,
+        auth_ttl: Duration::from_secs(300),
     })
     .await
     .expect("cache")

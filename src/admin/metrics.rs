@@ -34,10 +34,37 @@ pub const ENVOY_REJECTIONS: &str = "ecds_agent_envoy_rejections";
 pub const ECDS_SUPERSEDED: &str = "ecds_agent_ecds_superseded";
 /// Signature checks of OCI modules (`result`: verified, unsigned_allowed, failed).
 pub const SIGNATURE_CHECKS: &str = "ecds_agent_wasm_signature_checks";
+/// Checks that a requester may pull a cached private module (`result`: allowed, denied,
+/// unreachable).
+pub const PULL_AUTH_CHECKS: &str = "ecds_agent_wasm_pull_auth_checks";
 /// Modules fetched, by the host that served them (`host`: a mirror or the origin).
 pub const FETCHES_SERVED: &str = "ecds_agent_wasm_fetches_served";
 pub const HEAL_DELIVERIES: &str = "ecds_agent_wasm_heal_deliveries";
 pub const HEAL_ATTEMPTS: &str = "ecds_agent_wasm_heal_attempts";
+
+/// Distinct values a free-form label (a host) may take before further ones are counted as
+/// `other`: a control plane naming ever new hosts cannot grow the metric set without bound.
+pub const MAX_LABEL_VALUES: usize = 64;
+
+/// `value` if it is one of the first [`MAX_LABEL_VALUES`] seen for `metric`, else `"other"`.
+pub fn bounded_label(metric: &'static str, value: &str) -> String {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Mutex, OnceLock};
+    static SEEN: OnceLock<Mutex<HashMap<&'static str, HashSet<String>>>> = OnceLock::new();
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let set = seen.entry(metric).or_default();
+    if set.contains(value) {
+        return value.to_owned();
+    }
+    if set.len() < MAX_LABEL_VALUES {
+        set.insert(value.to_owned());
+        return value.to_owned();
+    }
+    "other".to_owned()
+}
 
 const CONVERSION_BUCKETS_MS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
@@ -151,6 +178,10 @@ pub fn describe() {
     describe_counter!(
         SIGNATURE_CHECKS,
         "signature checks of OCI modules under --verify-policy, by result"
+    );
+    describe_counter!(
+        PULL_AUTH_CHECKS,
+        "manifest HEADs showing a requester may pull a cached private module, by result"
     );
     describe_counter!(
         ECDS_SUPERSEDED,

@@ -5,10 +5,11 @@
 //! * `/healthz/ready` — 200 once the Envoy-facing socket is listening, 503 before and on shutdown
 //! * `/healthz/live`  — 200 while the process runs
 //! * `/stats/prometheus`, `/metrics` — Prometheus text (Istio's `istio_agent_*` names)
-//! * `/stats` — the same numbers as plain `name value` lines for humans
+//! * `/stats` — the same numbers as plain `name value` lines for humans, plus (for clients
+//!   `/debug/*` answers) the cache's modules and failures
 //! * `/debug/wasm` — JSON: cached modules, their URLs, digests, users, last errors, next retries
 //!
-//! Exposure: `/debug/*` answers only clients whose address is in `--admin-debug-cidrs`
+//! Exposure: `/debug/*`, and the detail part of `/stats`, answer only clients whose address is in `--admin-debug-cidrs`
 //! (loopback by default), so binding the admin port to 0.0.0.0 for Prometheus does not publish
 //! the debug pages. Every connection has a 5 s header deadline (no slowloris), every request a
 //! 10 s deadline, and at most 64 connections are served at once.
@@ -82,6 +83,12 @@ impl AdminState {
 #[derive(Debug, Clone, Copy)]
 struct Peer(SocketAddr);
 
+/// Whether `peer` may see URLs, resource names and error text (`--admin-debug-cidrs`).
+fn may_debug(s: &AdminState, peer: &Option<Extension<Peer>>) -> bool {
+    peer.as_ref()
+        .is_some_and(|Extension(Peer(p))| s.config.debug_cidrs.iter().any(|c| c.contains(p.ip())))
+}
+
 /// `/debug/*` for allowed clients only.
 async fn debug_guard(
     State(s): S,
@@ -89,9 +96,7 @@ async fn debug_guard(
     req: Request,
     next: Next,
 ) -> Response {
-    let allowed = peer
-        .is_some_and(|Extension(Peer(p))| s.config.debug_cidrs.iter().any(|c| c.contains(p.ip())));
-    if !allowed {
+    if !may_debug(&s, &peer) {
         return (
             StatusCode::FORBIDDEN,
             "ecds-agent: /debug/* answers only clients in --admin-debug-cidrs (loopback by default)\n",
@@ -133,7 +138,10 @@ async fn prometheus() -> impl IntoResponse {
     )
 }
 
-async fn stats(State(s): S) -> impl IntoResponse {
+/// Metric lines for everyone; the cache's details (URLs, resource names, error text) only for
+/// clients `/debug/*` answers.
+async fn stats(State(s): S, peer: Option<Extension<Peer>>) -> impl IntoResponse {
+    let detail = may_debug(&s, &peer);
     let mut out = String::new();
     for line in metrics::render().lines() {
         if !line.starts_with('#') && !line.is_empty() && !line.contains("_bucket{") {
@@ -141,7 +149,12 @@ async fn stats(State(s): S) -> impl IntoResponse {
             out.push('\n');
         }
     }
-    if let Some(cache) = &s.cache {
+    if !detail {
+        out.push_str(
+            "# cache details (URLs, resources, errors) answer only clients in --admin-debug-cidrs\n",
+        );
+    }
+    if let Some(cache) = s.cache.as_ref().filter(|_| detail) {
         let v = cache.view();
         out.push_str(&format!(
             "cache_dir {}\ncache_modules {}\ncache_bytes {}\n",

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use metrics::{counter, gauge, histogram};
 use tokio::time::Instant;
 
+use super::admission::{self, Admission, Authorization};
 use super::error::{redact, FetchError};
 use super::flight::{Flight, FlightKey};
 use super::http::HttpFetcher;
@@ -37,6 +38,7 @@ use super::lease::Lease;
 use super::oci::OciFetcher;
 use super::options::{CacheConfig, GetOptions, Matched, Module};
 use super::pins::Pins;
+use super::proofs::{cred_id, Proofs};
 use super::store::{now_secs, Index, Store};
 use super::url::ModuleUrl;
 use super::view::FailureInfo;
@@ -52,7 +54,11 @@ pub(super) struct State {
     /// One download per (URL, expected checksum, pull-secret hash): callers with different
     /// credentials never share a download (nor its auth result).
     pub(super) flights: HashMap<FlightKey, Flight>,
+    /// The last failure per URL, at most [`MAX_FAILURES`] (the oldest goes first).
     pub(super) failures: HashMap<String, FailureInfo>,
+    /// Modules handed out by `get` and not pinned yet, until when: published with the pins, so
+    /// that no other process purges a module between the hit and its pin.
+    pub(super) holds: HashMap<String, Instant>,
     /// Changes made to `index` so far, and how many of them are on disk: saves are group
     /// commits, so whoever waited behind a save that took its change along returns at once.
     edits: u64,
@@ -65,10 +71,35 @@ impl State {
         self.edits += 1;
     }
 
+    /// Whether a live resource uses `sha`, or a `get` handed it out moments ago.
+    pub(super) fn in_use(&self, sha: &str) -> bool {
+        self.pins.contains(sha)
+            || self
+                .holds
+                .get(sha)
+                .is_some_and(|until| *until > Instant::now())
+    }
+
+    /// What this process publishes to others as in use: pins and live holds.
+    pub(super) fn published(&mut self) -> std::collections::BTreeSet<String> {
+        let now = Instant::now();
+        self.holds.retain(|_, until| *until > now);
+        let mut set = self.pins.shas();
+        set.extend(self.holds.keys().cloned());
+        set
+    }
+
     pub(super) fn total_bytes(&self) -> u64 {
         self.index.modules.values().map(|e| e.size).sum()
     }
 }
+
+/// Failures remembered for the admin pages and `/stats`.
+pub const MAX_FAILURES: usize = 256;
+/// How long a module handed out by `get` stays protected from every process's purge while its
+/// caller has not pinned it (at most this process's own expiry: a caller that never pins, such
+/// as `ecds-agent fetch`, does not keep a module past the expiry it asked for).
+const HOLD: std::time::Duration = std::time::Duration::from_secs(120);
 
 pub struct Cache {
     pub(super) cfg: CacheConfig,
@@ -82,6 +113,17 @@ pub struct Cache {
     save_lock: tokio::sync::Mutex<()>,
     /// A [`Cache::save_soon`] task is queued and has not started.
     save_queued: std::sync::atomic::AtomicBool,
+    /// Rights to pull private modules shown recently (credentials × repository).
+    pub(super) proofs: Mutex<Proofs>,
+}
+
+/// A cached module and what the index records about it, before the gate.
+pub(super) struct Hit {
+    pub module: Module,
+    pub signatures: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    pub access: std::collections::BTreeMap<String, admission::Access>,
+    /// Found through this very URL's own recorded result.
+    pub same_url: bool,
 }
 
 pub(super) fn io_err(url: &str, reason: String) -> FetchError {
@@ -130,6 +172,7 @@ impl Cache {
             }),
             save_lock: tokio::sync::Mutex::new(()),
             save_queued: std::sync::atomic::AtomicBool::new(false),
+            proofs: Mutex::new(Proofs::default()),
         });
         cache.publish_gauges();
         cache.save().await;
@@ -207,11 +250,11 @@ impl Cache {
         }
     }
 
-    /// The cached module `sha`, if its file is still there (a vanished file drops the entry).
-    /// The file is looked at outside the state lock with one inline `stat(2)` of a file in the
-    /// local cache directory: a blocking-pool round trip for it made a warm conversion 15×
-    /// slower (`make bench BENCH=convert`: ~100 µs → ~7 µs).
-    pub(super) async fn cached(&self, sha: &str, matched: Option<Matched>) -> Option<Module> {
+    /// The cached module `sha`, if its file is still there (a vanished file drops the entry),
+    /// with what the index records about it. The file is looked at outside the state lock with
+    /// one inline `stat(2)` of a file in the local cache directory: a blocking-pool round trip
+    /// for it made a warm conversion 15× slower (`make bench BENCH=convert`: ~100 µs → ~7 µs).
+    pub(super) async fn cached(&self, sha: &str, matched: Option<Matched>) -> Option<Hit> {
         let path = self.store.module_path(sha);
         let exists = std::fs::metadata(&path).is_ok();
         let mut st = self.lock();
@@ -222,34 +265,81 @@ impl Cache {
             return None;
         }
         let entry = st.index.modules.get(sha)?;
-        Some(Module {
-            path,
-            sha256: sha.to_owned(),
-            oci_digest: entry.oci_digests.iter().next().cloned(),
-            size: entry.size,
-            matched,
-            fetched: false,
-            served_by: None,
+        Some(Hit {
+            module: Module {
+                path,
+                sha256: sha.to_owned(),
+                oci_digest: entry.oci_digests.iter().next().cloned(),
+                size: entry.size,
+                matched,
+                fetched: false,
+                served_by: None,
+            },
+            signatures: entry.signatures.clone(),
+            access: entry.access.clone(),
+            same_url: false,
         })
     }
 
-    /// Turns `url` into a verified local module file.
+    /// Turns `url` into a verified local module file that this request may have.
+    ///
+    /// Every path — a hit in memory, a module another process fetched meanwhile, a download —
+    /// goes through the same gate: the signature policy in force ([`admission::admit`]) and
+    /// the requester's right to pull a private module ([`admission::authorize`]).
     pub async fn get(self: &Arc<Self>, url: &str, opts: GetOptions) -> Result<Module, FetchError> {
-        let parsed = ModuleUrl::parse(url)?;
+        let (key, result) = match ModuleUrl::parse(url) {
+            Ok(parsed) => {
+                let canonical = parsed.canonical();
+                let r = self.get_canonical(&canonical, parsed, &opts).await;
+                (redact(&canonical), r)
+            }
+            Err(e) => (redact(url), Err(e)),
+        };
+        let result = result.map_err(FetchError::bounded);
+        self.note_outcome(key, &result, &opts);
+        result
+    }
+
+    /// `get` for a URL in canonical form.
+    async fn get_canonical(
+        self: &Arc<Self>,
+        url: &str,
+        parsed: ModuleUrl,
+        opts: &GetOptions,
+    ) -> Result<Module, FetchError> {
         let shown = redact(url);
         let expected = expected_checksum(&parsed, opts.sha256.as_deref(), &shown)?;
-
-        let hit = self.lookup(url, &parsed, expected.as_deref(), &opts).await;
-        counter!(m::CACHE_LOOKUP_COUNT, "hit" => if hit.is_some() { "true" } else { "false" })
-            .increment(1);
-        if let Some(module) = hit {
-            // A hit only refreshes what the index records (last use, URL, resource); that is
-            // written in the background so a conversion never waits for an fsync.
-            self.save_soon();
-            return Ok(module);
+        if let Some(reason) = admission::refused_upfront(self.cfg.verify.as_deref(), &parsed) {
+            counter!(m::SIGNATURE_CHECKS, "result" => "failed").increment(1);
+            return Err(FetchError::Signature { url: shown, reason });
         }
 
-        let flight = self.flight(url, parsed, expected, &opts);
+        let hit = self.lookup(url, &parsed, expected.as_deref(), opts).await;
+        counter!(m::CACHE_LOOKUP_COUNT, "hit" => if hit.is_some() { "true" } else { "false" })
+            .increment(1);
+        if let Some(hit) = hit {
+            let started = Instant::now();
+            match self.gate(&parsed, hit, opts, &shown, true).await {
+                Ok(Some(module)) => {
+                    if self.hold(&module).await {
+                        self.record(&mut self.lock(), url, &module, Some(opts));
+                        // A hit only refreshes what the index records (last use, URL,
+                        // resource); that is written in the background so a conversion never
+                        // waits for an fsync.
+                        self.save_soon();
+                        return Ok(module);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let e = e.bounded();
+                    record_fetch(url, &Err(e.clone()), started);
+                    return Err(e);
+                }
+            }
+        }
+
+        let flight = self.flight(url, parsed, expected, opts);
         let result = match tokio::time::timeout(opts.timeout, flight).await {
             Ok(r) => r,
             Err(_) => Err(FetchError::Timeout {
@@ -258,35 +348,220 @@ impl Cache {
                 stage: "waiting for the download",
             }),
         };
-        {
-            let mut st = self.lock();
-            match &result {
-                Ok(module) => {
-                    self.record(&mut st, url, module, Some(&opts));
-                    st.failures.remove(&shown);
-                }
-                Err(e) => {
-                    let entry = st.failures.entry(shown).or_insert_with(|| FailureInfo {
-                        error: String::new(),
-                        at: 0,
-                        next_retry: None,
-                        resources: vec![],
-                    });
-                    entry.error = e.to_string();
-                    entry.at = now_secs();
-                    if !opts.resource_name.is_empty()
-                        && !entry.resources.contains(&opts.resource_name)
-                    {
-                        entry.resources.push(opts.resource_name.clone());
-                    }
-                }
-            }
+        if let Ok(module) = &result {
+            self.hold(module).await;
+            self.record(&mut self.lock(), url, module, Some(opts));
         }
         // The download itself saved the module before it returned; what is left (this URL's
         // use by this resource) is written in the background, as on a hit, so that a
         // hundred streams waiting for one download do not each wait for a write.
         self.save_soon();
         result
+    }
+
+    /// The admin pages' record of how the last `get` of `key` ended (bounded in count).
+    fn note_outcome(&self, key: String, result: &Result<Module, FetchError>, opts: &GetOptions) {
+        let mut st = self.lock();
+        let e = match result {
+            Ok(_) => {
+                st.failures.remove(&key);
+                return;
+            }
+            Err(e) => e,
+        };
+        if !st.failures.contains_key(&key) && st.failures.len() >= MAX_FAILURES {
+            if let Some(oldest) = st
+                .failures
+                .iter()
+                .min_by_key(|(_, f)| f.at)
+                .map(|(k, _)| k.clone())
+            {
+                st.failures.remove(&oldest);
+            }
+        }
+        let entry = st.failures.entry(key).or_insert_with(|| FailureInfo {
+            error: String::new(),
+            at: 0,
+            next_retry: None,
+            resources: vec![],
+        });
+        entry.error = e.to_string();
+        entry.at = now_secs();
+        if !opts.resource_name.is_empty()
+            && !entry.resources.contains(&opts.resource_name)
+            && entry.resources.len() < 16
+        {
+            entry.resources.push(opts.resource_name.clone());
+        }
+    }
+
+    /// The one gate between a cached module and a request: `Ok(Some)` serves it, `Ok(None)`
+    /// sends the request to the registry (signatures to check again, or access the request
+    /// cannot prove from here), `Err` refuses it. With `network` unset (a module another
+    /// process fetched, found while holding the download lock) nothing is asked of the
+    /// registry: what needs it gives `Ok(None)` and the download path checks it instead.
+    pub(super) async fn gate(
+        &self,
+        parsed: &ModuleUrl,
+        hit: Hit,
+        opts: &GetOptions,
+        shown: &str,
+        network: bool,
+    ) -> Result<Option<Module>, FetchError> {
+        match admission::admit(self.cfg.verify.as_deref(), parsed, &hit.signatures) {
+            Admission::Refused(reason) => {
+                counter!(m::SIGNATURE_CHECKS, "result" => "failed").increment(1);
+                return Err(FetchError::Signature {
+                    url: shown.to_owned(),
+                    reason,
+                });
+            }
+            Admission::Recheck(rule) => {
+                tracing::info!(url = %shown, rule, sha256 = %hit.module.sha256,
+                    "cached module not admitted under the policy in force; checking its signatures again");
+                return Ok(None);
+            }
+            Admission::Allowed(_) | Admission::Verified { .. } => {}
+        }
+        match (
+            admission::authorize(&hit.access, parsed, hit.same_url),
+            parsed,
+        ) {
+            (Authorization::None, _) => Ok(Some(hit.module)),
+            (Authorization::Fetch, _) => Ok(None),
+            (Authorization::Prove(repo), ModuleUrl::Oci(r)) => {
+                let auth = self
+                    .registry_auth(r, opts.pull_secret.as_deref(), shown)
+                    .await?;
+                let cred = cred_id(&auth);
+                let now = std::time::Instant::now();
+                if self
+                    .proofs_lock()
+                    .fresh(&cred, &repo, self.cfg.auth_ttl, now)
+                {
+                    return Ok(Some(hit.module));
+                }
+                if !network {
+                    return Ok(None);
+                }
+                self.prove(r, &repo, &auth, &cred, opts, shown).await?;
+                if matches!(auth, oci_client::secrets::RegistryAuth::Anonymous) {
+                    self.note_access(&hit.module.sha256, &repo, admission::Access::Public);
+                }
+                Ok(Some(hit.module))
+            }
+            (Authorization::Prove(_), ModuleUrl::Http(_)) => Ok(None),
+        }
+    }
+
+    /// One manifest `HEAD` with the requester's credentials; remembered for the TTL. A
+    /// registry that cannot be reached does not undo a right these credentials showed before
+    /// in this process (the module is served, with a warning); a refusal always refuses.
+    async fn prove(
+        &self,
+        r: &super::url::OciRef,
+        repo: &str,
+        auth: &oci_client::secrets::RegistryAuth,
+        cred: &str,
+        opts: &GetOptions,
+        shown: &str,
+    ) -> Result<(), FetchError> {
+        let insecure = self
+            .cfg
+            .registries
+            .sources(r)
+            .last()
+            .is_some_and(|s| s.insecure);
+        let check = tokio::time::timeout(opts.timeout, self.oci.prove(shown, r, auth, insecure));
+        match check.await {
+            Ok(Ok(())) => {
+                counter!(m::PULL_AUTH_CHECKS, "result" => "allowed").increment(1);
+                self.proofs_lock()
+                    .insert(cred, repo, std::time::Instant::now());
+                Ok(())
+            }
+            Ok(Err(FetchError::Auth { url, reason })) => {
+                counter!(m::PULL_AUTH_CHECKS, "result" => "denied").increment(1);
+                Err(FetchError::Auth { url, reason })
+            }
+            other => {
+                let e = match other {
+                    Ok(Err(e)) => e,
+                    _ => FetchError::Timeout {
+                        url: shown.to_owned(),
+                        timeout: opts.timeout,
+                        stage: "checking access to a cached private module",
+                    },
+                };
+                counter!(m::PULL_AUTH_CHECKS, "result" => "unreachable").increment(1);
+                if self.proofs_lock().ever(cred, repo) {
+                    tracing::warn!(url = %shown, error = %e,
+                        "registry unreachable; serving the cached private module to credentials that pulled it before");
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub(super) fn proofs_lock(&self) -> MutexGuard<'_, Proofs> {
+        self.proofs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records how `repo` gave out module `sha` (see `admission`).
+    pub(super) fn note_access(&self, sha: &str, repo: &str, access: admission::Access) {
+        let mut st = self.lock();
+        let Some(e) = st.index.modules.get_mut(sha) else {
+            return;
+        };
+        let merged = e.access.get(repo).map_or(access, |a| a.merge(access));
+        if e.access.insert(repo.to_owned(), merged) != Some(merged) {
+            st.changed();
+        }
+    }
+
+    /// Records a signature verified over `digest` by key `fingerprint` for module `sha`.
+    pub(super) fn note_signature(&self, sha: &str, digest: &str, fingerprint: &str) {
+        let mut st = self.lock();
+        let Some(e) = st.index.modules.get_mut(sha) else {
+            return;
+        };
+        if e.signatures
+            .entry(digest.to_owned())
+            .or_default()
+            .insert(fingerprint.to_owned())
+        {
+            st.changed();
+        }
+    }
+
+    /// Protects `module` from every process's purge until its caller pins it (or [`HOLD`]
+    /// passes), published before this returns; `false` if the file vanished meanwhile (another
+    /// process purged it first: fetch it again).
+    pub(super) async fn hold(&self, module: &Module) -> bool {
+        let publish = {
+            let mut st = self.lock();
+            let fresh = !st.in_use(&module.sha256);
+            st.holds.insert(
+                module.sha256.clone(),
+                Instant::now() + HOLD.min(self.cfg.expiry),
+            );
+            fresh.then(|| {
+                st.pin_generation += 1;
+                (st.pin_generation, st.published())
+            })
+        };
+        if let Some((generation, set)) = publish {
+            let lease = self.lease.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = lease.publish(generation, &set) {
+                    tracing::warn!(error = %e, "cannot publish held modules to other processes");
+                }
+            })
+            .await;
+        }
+        std::fs::metadata(&module.path).is_ok()
     }
 
     /// Lookup #1: no network.
@@ -296,23 +571,27 @@ impl Cache {
         parsed: &ModuleUrl,
         expected: Option<&str>,
         opts: &GetOptions,
-    ) -> Option<Module> {
-        let (sha, matched) = {
+    ) -> Option<Hit> {
+        let (sha, matched, same_url) = {
             let st = self.lock();
             match expected {
-                Some(exp) => find_by_checksum(&st.index, exp)?,
+                Some(exp) => {
+                    let (sha, matched) = find_by_checksum(&st.index, exp)?;
+                    let same = st.index.url(url).is_some_and(|u| u.sha256 == sha);
+                    (sha, matched, same)
+                }
                 None => {
                     let u = st.index.url(url)?;
                     if !reusable(u, effective_policy(parsed, opts), opts) {
                         return None;
                     }
-                    (u.sha256.clone(), None)
+                    (u.sha256.clone(), None, true)
                 }
             }
         };
-        let module = self.cached(&sha, matched).await?;
-        self.record(&mut self.lock(), url, &module, Some(opts));
-        Some(module)
+        let mut hit = self.cached(&sha, matched).await?;
+        hit.same_url = same_url;
+        Some(hit)
     }
 
     /// Records `url`'s result in the index (see [`record_url`]).

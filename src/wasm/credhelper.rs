@@ -1,7 +1,8 @@
 //! Docker credential helpers: `credHelpers` / `credsStore` in a docker config (a pull secret or
 //! `--docker-config`) name a program `docker-credential-<name>` that prints credentials for a
 //! registry. It runs off the async threads' way (tokio process), with the registry host on
-//! stdin, a 5 s deadline and a 64 KiB cap on what it prints; answers are cached for 60 s.
+//! stdin, a 5 s deadline and a 64 KiB cap on what it prints; answers are cached for 60 s (at
+//! most 256 of them).
 //! Nothing it prints is ever logged or put in an error: errors name the helper, its exit status
 //! and the shape of what was wrong.
 
@@ -17,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const DEADLINE: Duration = Duration::from_secs(5);
 const CACHE_FOR: Duration = Duration::from_secs(60);
 const MAX_OUTPUT: u64 = 64 << 10;
+/// Answers remembered at most (helper × registry); expired ones go first, then the oldest.
+const MAX_CACHED: usize = 256;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -56,7 +59,20 @@ impl CredHelpers {
             }
         }
         let auth = run(name, registry).await?;
-        self.lock().insert(key, (Instant::now(), auth.clone()));
+        let mut cache = self.lock();
+        if !cache.contains_key(&key) && cache.len() >= MAX_CACHED {
+            cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
+            if cache.len() >= MAX_CACHED {
+                if let Some(oldest) = cache
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone())
+                {
+                    cache.remove(&oldest);
+                }
+            }
+        }
+        cache.insert(key, (Instant::now(), auth.clone()));
         Ok(auth)
     }
 

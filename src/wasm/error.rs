@@ -63,7 +63,106 @@ pub enum FetchError {
     Io { url: String, reason: String },
 }
 
+/// The most of an error's cause the agent stores, logs, shows or sends in a NACK.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary, marked `…(N bytes cut)` when cut.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes cut)", &s[..end], s.len() - end)
+}
+
 impl FetchError {
+    /// The same error with every free-text field clipped to [`MAX_REASON_BYTES`]: what a
+    /// hostile peer can make an error say is stored and logged at a bounded size.
+    pub fn bounded(self) -> Self {
+        let c = |s: String| {
+            if s.len() <= MAX_REASON_BYTES {
+                s
+            } else {
+                clip(&s, MAX_REASON_BYTES)
+            }
+        };
+        match self {
+            FetchError::BadUrl { url, reason } => FetchError::BadUrl {
+                url: c(url),
+                reason: c(reason),
+            },
+            FetchError::Download {
+                url,
+                attempts,
+                last,
+            } => FetchError::Download {
+                url: c(url),
+                attempts,
+                last: c(last),
+            },
+            FetchError::Timeout {
+                url,
+                timeout,
+                stage,
+            } => FetchError::Timeout {
+                url: c(url),
+                timeout,
+                stage,
+            },
+            FetchError::Manifest { url, reason } => FetchError::Manifest {
+                url: c(url),
+                reason: c(reason),
+            },
+            FetchError::Auth { url, reason } => FetchError::Auth {
+                url: c(url),
+                reason: c(reason),
+            },
+            FetchError::Layout { url, reason } => FetchError::Layout {
+                url: c(url),
+                reason: c(reason),
+            },
+            FetchError::Blob { url, reason } => FetchError::Blob {
+                url: c(url),
+                reason: c(reason),
+            },
+            FetchError::Signature { url, reason } => FetchError::Signature {
+                url: c(url),
+                reason: c(reason),
+            },
+            FetchError::Checksum {
+                url,
+                want,
+                got,
+                digest,
+            } => FetchError::Checksum {
+                url: c(url),
+                want: c(want),
+                got: c(got),
+                digest: digest.map(c),
+            },
+            FetchError::Invalid { url, reason } => FetchError::Invalid {
+                url: c(url),
+                reason: c(reason),
+            },
+            FetchError::TooLarge { url, limit, what } => FetchError::TooLarge {
+                url: c(url),
+                limit,
+                what: c(what),
+            },
+            FetchError::Secret { url, reason } => FetchError::Secret {
+                url: c(url),
+                reason: c(reason),
+            },
+            FetchError::Io { url, reason } => FetchError::Io {
+                url: c(url),
+                reason: c(reason),
+            },
+        }
+    }
+
     /// The `result` label of `istio_agent_wasm_remote_fetch_count`, or `None` when the error
     /// happened before any network I/O (nothing was fetched).
     pub fn fetch_result(&self) -> Option<&'static str> {
@@ -134,7 +233,21 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{clip, redact, FetchError, MAX_REASON_BYTES};
+
+    #[test]
+    fn errors_are_clipped() {
+        let long = "é".repeat(5000);
+        let e = FetchError::Layout {
+            url: "u".into(),
+            reason: long,
+        }
+        .bounded()
+        .to_string();
+        assert!(e.len() < MAX_REASON_BYTES + 100, "{}", e.len());
+        assert!(e.contains("bytes cut"), "{e}");
+        assert_eq!(clip("short", 10), "short");
+    }
 
     #[test]
     fn redacts_secrets() {

@@ -63,29 +63,41 @@ impl Cache {
         }
     }
 
-    /// After waiting for another process: the module it fetched, if it is what we need.
+    /// After waiting for another process: the module it fetched, if it is what we need and
+    /// the gate lets this request have it without asking the registry.
     async fn fetched_meanwhile(
         &self,
         url: &str,
+        parsed: &ModuleUrl,
         expected: Option<&str>,
         since_ms: u64,
+        opts: &GetOptions,
     ) -> Option<Module> {
         let store = self.store.clone();
         let disk = tokio::task::spawn_blocking(move || store.read_index())
             .await
             .ok()?;
-        let (sha, matched) = {
+        let (sha, matched, same_url) = {
             let mut st = self.lock();
             st.index.absorb(disk);
             match expected {
-                Some(e) => find_by_checksum(&st.index, e)?,
+                Some(e) => {
+                    let (sha, matched) = find_by_checksum(&st.index, e)?;
+                    let same = st.index.url(url).is_some_and(|u| u.sha256 == sha);
+                    (sha, matched, same)
+                }
                 None => {
                     let u = st.index.url(url).filter(|u| u.fetched_at_ms >= since_ms)?;
-                    (u.sha256.clone(), None)
+                    (u.sha256.clone(), None, true)
                 }
             }
         };
-        self.cached(&sha, matched).await
+        let mut hit = self.cached(&sha, matched).await?;
+        hit.same_url = same_url;
+        self.gate(parsed, hit, opts, &redact(url), false)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Joins the download in flight for the same key, or starts it. The download runs on its
@@ -105,7 +117,7 @@ impl Cache {
         }
         let this = self.clone();
         let url_owned = url.to_owned();
-        let secret = opts.pull_secret.clone();
+        let opts_owned = opts.clone();
         let deadline = deadline_after(opts.timeout);
         // What another process fetched may be reused as a cache hit would be: any time, or under
         // Always only from now on.
@@ -121,11 +133,12 @@ impl Cache {
                     &url_owned,
                     &parsed,
                     expected.as_deref(),
-                    secret,
+                    &opts_owned,
                     deadline,
                     since_ms,
                 )
-                .await;
+                .await
+                .map_err(FetchError::bounded);
             this.lock().flights.remove(&key2);
             record_fetch(&url_owned, &result, started);
             result
@@ -147,11 +160,12 @@ impl Cache {
         url: &str,
         parsed: &ModuleUrl,
         expected: Option<&str>,
-        secret: Option<Vec<u8>>,
+        opts: &GetOptions,
         deadline: Instant,
         since_ms: u64,
     ) -> Result<Module, FetchError> {
         let shown = redact(url);
+        let secret = opts.pull_secret.clone();
         // Other processes sharing the directory (agents, `ecds-agent fetch`) download a module
         // once too: one lock file per download key, held until the result is on disk. Once the
         // lock is ours, the index on disk says whether another process got there first (while
@@ -164,20 +178,35 @@ impl Cache {
             .as_bytes(),
         );
         let _lock = self.lock_download(&key, deadline, &shown).await?;
-        if let Some(module) = self.fetched_meanwhile(url, expected, since_ms).await {
+        if let Some(module) = self
+            .fetched_meanwhile(url, parsed, expected, since_ms, opts)
+            .await
+        {
             return Ok(module);
         }
-        let fetched = match parsed {
-            ModuleUrl::Http(u) => self.fetch_http(u, &shown, expected, deadline).await?,
+        let (fetched, provenance) = match parsed {
+            ModuleUrl::Http(u) => (self.fetch_http(u, &shown, expected, deadline).await?, None),
             ModuleUrl::Oci(r) => {
-                self.fetch_oci(r, &shown, expected, secret.as_deref(), deadline)
-                    .await?
+                let (f, p) = self
+                    .fetch_oci(r, &shown, expected, secret.as_deref(), deadline)
+                    .await?;
+                (f, Some(p))
             }
         };
         let module = match fetched {
             Fetched::Cached(module) => module,
             Fetched::New(new) => self.store_module(url, &shown, new).await?,
         };
+        // What this download showed: the signature that admitted it, whether the repository
+        // wanted credentials, and that these credentials may pull it.
+        if let Some(p) = provenance {
+            if let Some((digest, fingerprint)) = &p.signed {
+                self.note_signature(&module.sha256, digest, fingerprint);
+            }
+            self.note_access(&module.sha256, &p.repo, p.access);
+            self.proofs_lock()
+                .insert(&p.cred, &p.repo, std::time::Instant::now());
+        }
         // Make the result visible on disk before the lock is released.
         {
             let mut st = self.lock();

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::admission::Access;
 use super::error::{redact, FetchError};
 use super::options::{GetOptions, Matched, Module, PullPolicy};
 use super::url::ModuleUrl;
@@ -31,6 +32,51 @@ pub struct ModuleEntry {
     /// The host that served the module when it was fetched (a mirror or the origin).
     #[serde(default)]
     pub served_by: Option<String>,
+    /// Signatures verified for it: manifest (or index) digest → fingerprints of the keys that
+    /// verified over that digest (see `admission`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub signatures: BTreeMap<String, BTreeSet<String>>,
+    /// Canonical `host/repository` → whether it was pulled from there with credentials.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub access: BTreeMap<String, Access>,
+}
+
+impl ModuleEntry {
+    /// Takes in another process's record of the same module: verified signatures and access
+    /// records add up, the latest use wins.
+    pub fn merge(&mut self, other: &ModuleEntry) -> bool {
+        let before = (
+            self.last_used,
+            self.signatures.clone(),
+            self.access.clone(),
+            self.urls.len(),
+            self.oci_digests.len(),
+        );
+        self.last_used = self.last_used.max(other.last_used);
+        for (d, fps) in &other.signatures {
+            self.signatures
+                .entry(d.clone())
+                .or_default()
+                .extend(fps.iter().cloned());
+        }
+        for (repo, a) in &other.access {
+            let merged = match self.access.get(repo) {
+                Some(mine) => mine.merge(*a),
+                None => *a,
+            };
+            self.access.insert(repo.clone(), merged);
+        }
+        self.urls.extend(other.urls.iter().cloned());
+        self.oci_digests.extend(other.oci_digests.iter().cloned());
+        before
+            != (
+                self.last_used,
+                self.signatures.clone(),
+                self.access.clone(),
+                self.urls.len(),
+                self.oci_digests.len(),
+            )
+    }
 }
 
 /// What the cache remembers about one URL (for pull policies).
@@ -94,7 +140,14 @@ impl Index {
     /// a cache directory shared between processes.
     pub fn absorb(&mut self, other: Index) {
         for (sha, entry) in other.modules {
-            self.modules.entry(sha).or_insert(entry);
+            match self.modules.get_mut(&sha) {
+                Some(mine) => {
+                    mine.merge(&entry);
+                }
+                None => {
+                    self.modules.insert(sha, entry);
+                }
+            }
         }
         for (url, entry) in other.urls {
             let newer = self
@@ -209,7 +262,11 @@ pub fn record_url(
         changed = true;
     }
     if let Some(e) = index.modules.get_mut(&module.sha256) {
-        e.last_used = now;
+        // A use is a change: it is what keeps the module from expiring in other processes.
+        if e.last_used < now {
+            e.last_used = now;
+            changed = true;
+        }
         if e.urls.insert(redact(url)) {
             changed = true;
         }
@@ -331,9 +388,45 @@ mod tests {
         let mut index = index_with(&sha('a'), "d");
         let m = module_a();
         assert!(record_url(&mut index, "u", &m, None, 5));
-        assert!(!record_url(&mut index, "u", &m, None, 6));
+        assert!(!record_url(&mut index, "u", &m, None, 5));
+        assert!(
+            record_url(&mut index, "u", &m, None, 6),
+            "a later use is a change"
+        );
         assert_eq!(index.modules[&sha('a')].last_used, 6);
         assert!(index.modules[&sha('a')].urls.contains("u"));
+    }
+
+    #[test]
+    fn merging_keeps_the_latest_use_and_adds_up_records() {
+        let mut mine = index_with(&sha('a'), "d");
+        mine.modules.get_mut(&sha('a')).unwrap().last_used = 10;
+        mine.modules
+            .get_mut(&sha('a'))
+            .unwrap()
+            .access
+            .insert("r/x".into(), Access::Private);
+        let mut theirs = index_with(&sha('a'), "d2");
+        {
+            let e = theirs.modules.get_mut(&sha('a')).unwrap();
+            e.last_used = 20;
+            e.signatures
+                .entry("sha256:d".into())
+                .or_default()
+                .insert("fp".into());
+            e.access.insert("r/x".into(), Access::Public);
+        }
+        mine.absorb(theirs);
+        let e = &mine.modules[&sha('a')];
+        assert_eq!(e.last_used, 20);
+        assert!(e.oci_digests.contains("d") && e.oci_digests.contains("d2"));
+        assert!(e.signatures["sha256:d"].contains("fp"));
+        assert_eq!(e.access["r/x"], Access::Public);
+        // An older use does not go back in time.
+        let mut older = index_with(&sha('a'), "d");
+        older.modules.get_mut(&sha('a')).unwrap().last_used = 5;
+        mine.absorb(older);
+        assert_eq!(mine.modules[&sha('a')].last_used, 20);
     }
 
     #[test]

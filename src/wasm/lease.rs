@@ -36,12 +36,16 @@ impl Lease {
         fs::create_dir_all(&dir).map_err(|e| io_ctx("cannot create", &dir, e))?;
         let id = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
         let path = dir.join(format!("{id}.lock"));
+        // Locked under a name readers skip, then renamed into place: a reader never sees the
+        // lease unlocked (and so never takes it for a dead process's and removes it).
+        let fresh = dir.join(format!("{id}.lock.new"));
         let lock = OpenOptions::new()
             .create_new(true)
             .write(true)
-            .open(&path)
-            .map_err(|e| io_ctx("cannot create", &path, e))?;
-        lock.lock().map_err(|e| io_ctx("cannot lock", &path, e))?;
+            .open(&fresh)
+            .map_err(|e| io_ctx("cannot create", &fresh, e))?;
+        lock.lock().map_err(|e| io_ctx("cannot lock", &fresh, e))?;
+        fs::rename(&fresh, &path).map_err(|e| io_ctx("cannot rename into", &path, e))?;
         Ok(Lease {
             dir,
             id,

@@ -86,7 +86,21 @@ impl Registries {
                 ));
             }
         }
+        let mut r = r;
+        r.canonicalise();
         Ok(r)
+    }
+
+    /// Every prefix and location with its host canonical (see `url`), as references are.
+    fn canonicalise(&mut self) {
+        use super::url::canonical_name;
+        for reg in &mut self.registries {
+            reg.prefix = canonical_name(&reg.prefix);
+            reg.location = reg.location.as_deref().map(canonical_name);
+            for m in &mut reg.mirror {
+                m.location = canonical_name(&m.location);
+            }
+        }
     }
 
     /// Adds `UPSTREAM=MIRROR` (`--registry-mirror`): every reference under UPSTREAM is tried at
@@ -108,6 +122,7 @@ impl Registries {
                 insecure: false,
             }],
         });
+        self.canonicalise();
         Ok(())
     }
 

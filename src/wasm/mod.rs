@@ -25,6 +25,7 @@
 //! * `retention` — what pins mean for the disk: expiry purge, LRU byte budget, the lease
 //! * `lease`  — pins published to other processes sharing the directory
 
+pub mod admission;
 pub mod cache;
 pub mod credhelper;
 pub mod error;
@@ -38,6 +39,7 @@ pub mod oci;
 pub mod options;
 mod pins;
 mod pipeline;
+mod proofs;
 mod retention;
 pub mod secret;
 pub mod signature;

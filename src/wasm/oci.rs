@@ -113,8 +113,6 @@ pub struct OciFetcher {
     tls: FetchTls,
     max_bytes: u64,
     blocked: Blocklist,
-    /// For the bearer-realm probe: verified TLS, and without verification for listed hosts.
-    probe: [reqwest::Client; 2],
 }
 
 fn oci_reason(e: &OciDistributionError) -> String {
@@ -217,67 +215,73 @@ fn candidates(index: &RawManifest) -> Vec<RawDesc> {
 
 impl OciFetcher {
     pub fn new(tls: FetchTls, max_bytes: u64, blocked: Blocklist) -> Result<Self, String> {
-        let build = |skip_verify: bool| {
-            let mut b = reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(10))
-                .timeout(std::time::Duration::from_secs(15))
-                .redirect(reqwest::redirect::Policy::none())
-                .dns_resolver(std::sync::Arc::new(GuardedResolver(blocked.clone())));
-            for c in tls.roots() {
-                b = b.add_root_certificate(c.clone());
-            }
-            if skip_verify {
-                b = b.danger_accept_invalid_certs(true);
-            }
-            b.build().map_err(|e| format!("OCI probe client: {e}"))
-        };
         Ok(Self {
-            probe: [build(false)?, build(true)?],
             tls,
             max_bytes,
             blocked,
         })
     }
 
-    /// Before any manifest request: the registry must not be a blocked address, and a Bearer
-    /// realm it names (where the client would send credentials) must be safe.
-    async fn check_registry(
+    /// How `r`'s registry is reached, in order, as (plain HTTP, skip TLS verification):
+    /// verified TLS for everyone; listed insecure hosts get TLS without verification, then
+    /// plain HTTP if they do not speak TLS. Never a silent downgrade otherwise.
+    fn attempts(&self, r: &OciRef, insecure: bool) -> &'static [(bool, bool)] {
+        if insecure || self.tls.is_insecure(&r.registry) {
+            &[(false, true), (true, false)]
+        } else {
+            &[(false, false)]
+        }
+    }
+
+    /// Proves that `auth` may pull `r` (which names a digest): one manifest `HEAD` with those
+    /// credentials. Anything but a success is a refusal naming the registry's answer.
+    pub async fn prove(
         &self,
         shown: &str,
-        registry: &str,
-        plain: bool,
-        skip_verify: bool,
+        r: &OciRef,
+        auth: &RegistryAuth,
+        insecure: bool,
     ) -> Result<(), FetchError> {
-        let refuse = |reason: String| FetchError::Auth {
+        let reference = Self::reference(r);
+        let mut failures = Vec::new();
+        for &(plain, skip_verify) in self.attempts(r, insecure) {
+            self.check_registry(shown, &r.registry, plain)?;
+            let client = self.client(plain, skip_verify);
+            match client.fetch_manifest_digest(&reference, auth).await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_transport(&e) => failures.push(oci_reason(&e)),
+                Err(e) => {
+                    return Err(FetchError::Auth {
+                        url: shown.to_owned(),
+                        reason: format!(
+                        "the cached module is private and these credentials may not pull it ({})",
+                        oci_reason(&e)
+                    ),
+                    })
+                }
+            }
+        }
+        Err(FetchError::Manifest {
             url: shown.to_owned(),
-            reason,
-        };
+            reason: format!(
+                "could not check access to the cached private module: {}",
+                failures.join("; then ")
+            ),
+        })
+    }
+
+    /// Before any manifest request, without network I/O: the registry must not be a blocked
+    /// address literal. (Names are checked at dial time by the guarded resolver, and a Bearer
+    /// realm inside the token request itself: see [`Self::client`].)
+    fn check_registry(&self, shown: &str, registry: &str, plain: bool) -> Result<(), FetchError> {
         let base = format!("{}://{registry}/v2/", if plain { "http" } else { "https" });
         let Ok(base) = reqwest::Url::parse(&base) else {
             return Ok(());
         };
-        guard::check_literal(&base, &self.blocked).map_err(refuse)?;
-        let resp = match self.probe[usize::from(skip_verify)].get(base).send().await {
-            Ok(r) => r,
-            Err(e) => {
-                let why = describe_reqwest(&e);
-                // Only the guard's refusal matters here; other failures surface on the pull.
-                return if why.contains("SSRF guard") {
-                    Err(refuse(why))
-                } else {
-                    Ok(())
-                };
-            }
-        };
-        if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
-            return Ok(());
-        }
-        for header in resp.headers().get_all(reqwest::header::WWW_AUTHENTICATE) {
-            for realm in guard::bearer_realms(header.to_str().unwrap_or("")) {
-                guard::check_realm(&realm, &self.blocked).map_err(refuse)?;
-            }
-        }
-        Ok(())
+        guard::check_literal(&base, &self.blocked).map_err(|reason| FetchError::Auth {
+            url: shown.to_owned(),
+            reason,
+        })
     }
 
     fn client(&self, plain_http: bool, skip_verify: bool) -> Client {
@@ -308,6 +312,12 @@ impl OciFetcher {
                 self.tls.clone(),
                 skip_verify,
             )),
+            // The realm a 401 names is checked on the token request that carries the
+            // credentials, inside the transport (istio#48627's rule).
+            realm_guard: Some({
+                let blocked = self.blocked.clone();
+                std::sync::Arc::new(move |realm: &str| guard::check_realm(realm, &blocked))
+            }),
             ..Default::default()
         })
     }
@@ -339,17 +349,9 @@ impl OciFetcher {
             url: shown.to_owned(),
             reason,
         };
-        // Verified TLS for everyone; listed insecure hosts get TLS without verification,
-        // then plain HTTP if they do not speak TLS. Never a silent downgrade otherwise.
-        let attempts: &[(bool, bool)] = if insecure || self.tls.is_insecure(&r.registry) {
-            &[(false, true), (true, false)]
-        } else {
-            &[(false, false)]
-        };
         let mut failures = Vec::new();
-        for &(plain, skip_verify) in attempts {
-            self.check_registry(shown, &r.registry, plain, skip_verify)
-                .await?;
+        for &(plain, skip_verify) in self.attempts(r, insecure) {
+            self.check_registry(shown, &r.registry, plain)?;
             let client = self.client(plain, skip_verify);
             match client.pull_manifest_raw(&reference, &auth, ACCEPT).await {
                 Ok((body, digest)) => {

@@ -104,4 +104,7 @@ pub struct CacheConfig {
     pub registries: std::sync::Arc<super::mirrors::Registries>,
     /// Signature policy for OCI modules (`None`: nothing is verified).
     pub verify: Option<std::sync::Arc<super::signature::VerifyPolicy>>,
+    /// How long a shown right to pull a private module (credentials × repository) is
+    /// remembered before a cache hit checks it with the registry again.
+    pub auth_ttl: Duration,
 }

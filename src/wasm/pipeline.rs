@@ -7,13 +7,14 @@ use metrics::counter;
 use oci_client::secrets::RegistryAuth;
 use tokio::time::Instant;
 
+use super::admission::Access;
 use super::cache::{io_err, Cache};
 use super::error::FetchError;
 use super::index::{digest_match, find_by_checksum};
 use super::mirrors::Source;
 use super::oci::Resolved;
 use super::options::{Matched, Module};
-use super::signature::{verify_bundle, verify_payload, Action, VerifyPolicy};
+use super::signature::{key_fingerprint, verify_bundle, verify_payload, Action, VerifyPolicy};
 use super::store::{now_secs, sha256_file, ModuleEntry, TempFile};
 use super::unbox::{self, Boxing};
 use super::url::OciRef;
@@ -24,6 +25,17 @@ use crate::admin::metrics as m;
 pub(super) enum Fetched {
     Cached(Module),
     New(NewModule),
+}
+
+/// What an OCI pull showed about the module, for the index (see `admission`).
+pub(super) struct Provenance {
+    /// The digest a signature verified over, and the key's fingerprint.
+    pub signed: Option<(String, String)>,
+    /// Canonical `host/repository` of the reference asked for.
+    pub repo: String,
+    pub access: Access,
+    /// Who pulled it ([`super::proofs::cred_id`]).
+    pub cred: String,
 }
 
 /// A module just pulled, unboxed into a temp file, not validated or stored yet.
@@ -44,24 +56,8 @@ impl Cache {
         expected: Option<&str>,
         deadline: Instant,
     ) -> Result<Fetched, FetchError> {
-        if let Some(policy) = &self.cfg.verify {
-            // Signatures exist for OCI images only: an HTTP(S) module passes only where the
-            // policy allows unsigned modules.
-            let name = format!("{}{}", super::guard::host_port(u), u.path());
-            let allowed = matches!(
-                policy.rule_for(&name).map(|r| &r.action),
-                Some(Action::AllowUnsigned)
-            );
-            if !allowed {
-                counter!(m::SIGNATURE_CHECKS, "result" => "failed").increment(1);
-                return Err(FetchError::Signature {
-                    url: shown.to_owned(),
-                    reason: format!(
-                        "--verify-policy does not allow {name} unsigned, and only oci:// modules carry signatures"
-                    ),
-                });
-            }
-        }
+        // The signature policy was applied before the lookup (`admission::refused_upfront`):
+        // an HTTP(S) module gets here only where its rule allows unsigned modules.
         let max = self.cfg.max_module_bytes;
         let raw = self.temp(shown, "download").await?;
         let (raw_sha, _) = self.http.fetch(u, deadline, &raw.file).await?;
@@ -102,7 +98,7 @@ impl Cache {
 
     /// Credentials for `r`'s registry: from the resource's pull secret, else from
     /// `--docker-config`; a `credHelpers` / `credsStore` entry runs its helper.
-    async fn registry_auth(
+    pub(super) async fn registry_auth(
         &self,
         r: &OciRef,
         secret: Option<&[u8]>,
@@ -152,7 +148,7 @@ impl Cache {
         expected: Option<&str>,
         secret: Option<&[u8]>,
         deadline: Instant,
-    ) -> Result<Fetched, FetchError> {
+    ) -> Result<(Fetched, Provenance), FetchError> {
         let sources = self.cfg.registries.sources(r);
         let mut pinned = r.digest.clone();
         for (i, src) in sources.iter().enumerate() {
@@ -206,7 +202,7 @@ impl Cache {
         expected: Option<&str>,
         secret: Option<&[u8]>,
         deadline: Instant,
-    ) -> Result<Fetched, FetchError> {
+    ) -> Result<(Fetched, Provenance), FetchError> {
         let total = deadline.saturating_duration_since(Instant::now());
         let timeout = |stage| FetchError::Timeout {
             url: shown.to_owned(),
@@ -214,22 +210,38 @@ impl Cache {
             stage,
         };
         let auth = self.registry_auth(&src.reference, secret, shown).await?;
+        let provenance = |signed| Provenance {
+            signed,
+            repo: format!("{}/{}", r.registry, r.repository),
+            access: match &auth {
+                RegistryAuth::Anonymous => Access::Public,
+                _ => Access::Private,
+            },
+            cred: super::proofs::cred_id(&auth),
+        };
         let resolved = tokio::time::timeout_at(
             deadline,
-            self.oci.resolve(shown, &src.reference, auth, src.insecure),
+            self.oci
+                .resolve(shown, &src.reference, auth.clone(), src.insecure),
         )
         .await
         .map_err(|_| timeout("fetching the manifest"))??;
-        if let Some(policy) = &self.cfg.verify {
-            tokio::time::timeout_at(deadline, self.check_signature(policy, r, &resolved, shown))
-                .await
-                .map_err(|_| timeout("checking the signature"))??;
-        }
+        let signed = match &self.cfg.verify {
+            Some(policy) => {
+                tokio::time::timeout_at(deadline, self.check_signature(policy, r, &resolved, shown))
+                    .await
+                    .map_err(|_| timeout("checking the signature"))??
+            }
+            None => None,
+        };
+        let provenance = provenance(signed);
 
-        // Lookup #2: this manifest's module may already be here (no layer pull).
+        // Lookup #2: this manifest's module may already be here (no layer pull). The manifest
+        // was just fetched with this request's credentials and its signatures checked: the
+        // gate's questions are answered.
         if let Some(module) = self.cached_by_manifest(&resolved, expected).await {
             counter!(m::CACHE_LOOKUP_COUNT, "hit" => "true").increment(1);
-            return Ok(Fetched::Cached(module));
+            return Ok((Fetched::Cached(module), provenance));
         }
         let file =
             tokio::time::timeout_at(deadline, self.oci.download(shown, &resolved, &self.store))
@@ -257,24 +269,28 @@ impl Cache {
         };
         let mut digests = vec![resolved.digest.clone()];
         digests.extend(resolved.index_digest.clone());
-        Ok(Fetched::New(NewModule {
-            file,
-            sha,
-            digests,
-            matched,
-            served_by: src.reference.registry.clone(),
-        }))
+        Ok((
+            Fetched::New(NewModule {
+                file,
+                sha,
+                digests,
+                matched,
+                served_by: src.reference.registry.clone(),
+            }),
+            provenance,
+        ))
     }
 
     /// Applies the signature policy to the image about to be used: the index digest (when the
     /// tag named an index) or the manifest digest must carry a signature the rule's keys verify.
+    /// Returns the digest and key fingerprint that verified (`None`: allowed unsigned).
     async fn check_signature(
         &self,
         policy: &VerifyPolicy,
         r: &OciRef,
         resolved: &Resolved,
         shown: &str,
-    ) -> Result<(), FetchError> {
+    ) -> Result<Option<(String, String)>, FetchError> {
         let fail = |reason: String| {
             counter!(m::SIGNATURE_CHECKS, "result" => "failed").increment(1);
             FetchError::Signature {
@@ -292,7 +308,7 @@ impl Cache {
             }
             Action::AllowUnsigned => {
                 counter!(m::SIGNATURE_CHECKS, "result" => "unsigned_allowed").increment(1);
-                return Ok(());
+                return Ok(None);
             }
             Action::Verify(keys) => keys,
         };
@@ -302,26 +318,31 @@ impl Cache {
             .iter()
             .chain(std::iter::once(&resolved.digest));
         // The first check that passes wins; every failure is kept for the message.
+        let fingerprint = |name: &str| {
+            keys.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, der)| key_fingerprint(der))
+        };
         let mut passed = |form: &str, digest: &str, checks: Vec<Result<String, String>>| {
             for check in checks {
                 match check {
                     Ok(key) => {
                         tracing::info!(url = %shown, %digest, key, "signature ({form}) verified");
                         counter!(m::SIGNATURE_CHECKS, "result" => "verified").increment(1);
-                        return true;
+                        return fingerprint(&key).map(|fp| (digest.to_owned(), fp));
                     }
                     Err(e) => why.push(e),
                 }
             }
-            false
+            None
         };
         for digest in digests {
             // OCI 1.1 referrers: sigstore bundles (cosign v3's default).
             match self.oci.bundles(resolved, digest).await {
                 Ok(bundles) => {
                     let checks = bundles.iter().map(|b| verify_bundle(b, keys, digest));
-                    if passed("sigstore bundle", digest, checks.collect()) {
-                        return Ok(());
+                    if let Some(v) = passed("sigstore bundle", digest, checks.collect()) {
+                        return Ok(Some(v));
                     }
                 }
                 Err(e) => tracing::debug!(url = %shown, error = %e, "no sigstore bundle"),
@@ -334,12 +355,20 @@ impl Cache {
                     .collect(),
                 Err(e) => vec![Err(e)],
             };
-            if passed("legacy .sig", digest, checks) {
-                return Ok(());
+            if let Some(v) = passed("legacy .sig", digest, checks) {
+                return Ok(Some(v));
             }
         }
         why.dedup();
-        Err(fail(why.join("; ")))
+        why.truncate(8);
+        Err(fail(super::error::clip(
+            &format!(
+                "rule {:?} of --verify-policy requires a signature: {}",
+                rule.pattern,
+                why.join("; ")
+            ),
+            1024,
+        )))
     }
 
     /// The cached module whose OCI digest is `resolved`'s, if it satisfies `expected`.
@@ -361,7 +390,7 @@ impl Cache {
                 e,
             )?),
         };
-        let mut module = self.cached(&sha, matched).await?;
+        let mut module = self.cached(&sha, matched).await?.module;
         module.oci_digest = Some(resolved.digest.clone());
         Some(module)
     }
@@ -429,7 +458,8 @@ impl Cache {
             entry.served_by = Some(served_by.clone());
             st.changed();
         }
-        counter!(m::FETCHES_SERVED, "host" => served_by.clone()).increment(1);
+        counter!(m::FETCHES_SERVED, "host" => m::bounded_label(m::FETCHES_SERVED, &served_by))
+            .increment(1);
         self.enforce_budget(&sha).await;
         self.publish_gauges();
         Ok(Module {

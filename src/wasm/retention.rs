@@ -52,6 +52,8 @@ impl Cache {
                 .modules
                 .iter()
                 .filter(|(sha, _)| {
+                    // This process's holds do not count here: a module just
+                    // handed out is the most recently used, so LRU takes it last.
                     sha.as_str() != keep && !st.pins.contains(sha) && !foreign.contains(*sha)
                 })
                 .map(|(sha, e)| (e.last_used, sha.clone(), e.size))
@@ -92,7 +94,7 @@ impl Cache {
                 .modules
                 .iter()
                 .filter(|(sha, e)| {
-                    !st.pins.contains(sha)
+                    !st.in_use(sha)
                         && !foreign.contains(*sha)
                         && now.saturating_sub(e.last_used) >= expiry
                 })
@@ -127,6 +129,10 @@ impl Cache {
     pub fn pin(&self, owner: u64, name: &str, sha: Option<&str>) {
         let mut st = self.lock();
         let change = st.pins.set((owner, name.to_owned()), sha);
+        // The pin takes over from the hold `get` took.
+        if let Some(sha) = sha {
+            st.holds.remove(sha);
+        }
         self.apply(&mut st, change);
     }
 
@@ -149,7 +155,7 @@ impl Cache {
         st.pin_generation += 1;
         let generation = st.pin_generation;
         let lease = self.lease.clone();
-        let set = st.pins.shas();
+        let set = st.published();
         let write = move || {
             if let Err(e) = lease.publish(generation, &set) {
                 tracing::warn!(error = %e, "cannot publish pinned modules to other processes");

@@ -50,7 +50,10 @@ fn key_host(key: &str) -> &str {
 
 fn same_registry(key: &str, registry: &str) -> bool {
     let h = key_host(key);
-    h == registry || (DOCKER_HUB.contains(&h) && DOCKER_HUB.contains(&registry))
+    let canonical = super::url::canonical_registry(h);
+    canonical.as_deref() == Ok(registry)
+        || h == registry
+        || (DOCKER_HUB.contains(&h) && DOCKER_HUB.contains(&registry))
 }
 
 /// Where `registry`'s credentials come from, in docker's order: its `credHelpers` entry, else

@@ -148,7 +148,8 @@ impl VerifyPolicy {
                 (None, None) => return Err(format!("{at}: needs public_key or action")),
             };
             rules.push(Rule {
-                pattern: r.pattern,
+                // Names are matched in canonical form (lower case, no default port, …).
+                pattern: super::url::canonical_name(&r.pattern),
                 action,
             });
         }
@@ -181,6 +182,21 @@ pub fn glob(pattern: &str, text: &str) -> bool {
     true
 }
 
+/// The `critical.type` of a cosign simple-signing payload: what makes it a signature.
+pub const SIMPLESIGNING_TYPE: &str = "cosign container image signature";
+/// The DSSE payload type of an in-toto statement.
+pub const INTOTO_PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
+/// The predicate of cosign's signing statement (cosign v3 `sign`). Attestations (SBOMs, scan
+/// results, provenance) carry other predicates and never count as a signature.
+pub const COSIGN_SIGN_PREDICATE: &str = "https://sigstore.dev/cosign/sign/v1";
+
+/// The fingerprint the cache records for a key: sha256 of its SubjectPublicKeyInfo DER, hex.
+/// A rotated key has another fingerprint, so a module admitted under the old key is checked
+/// again under the new policy.
+pub fn key_fingerprint(der: &[u8]) -> String {
+    super::verify::sha256_hex(der)
+}
+
 #[derive(Deserialize)]
 struct Payload {
     critical: Critical,
@@ -189,6 +205,8 @@ struct Payload {
 #[derive(Deserialize)]
 struct Critical {
     image: Image,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +240,16 @@ pub fn verify_payload(
         })?;
     let p: Payload = serde_json::from_slice(payload)
         .map_err(|e| format!("signed payload is not a cosign simple-signing payload: {e}"))?;
+    // Case as cosign compares it (it lower-cases before comparing).
+    match p.critical.kind.as_deref() {
+        Some(t) if t.eq_ignore_ascii_case(SIMPLESIGNING_TYPE) => {}
+        other => {
+            return Err(format!(
+                "the signed payload's critical.type is {:?}, not {SIMPLESIGNING_TYPE:?}",
+                other.unwrap_or("missing")
+            ))
+        }
+    }
     if p.critical.image.digest != digest {
         return Err(format!(
             "the signature is for {}, not for {digest} (a re-tagged image?)",
@@ -254,9 +282,12 @@ struct EnvelopeSig {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Statement {
     #[serde(default)]
     subject: Vec<Subject>,
+    #[serde(default)]
+    predicate_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -316,8 +347,23 @@ pub fn verify_bundle(
             let names: Vec<&str> = keys.iter().map(|(n, _)| n.as_str()).collect();
             format!("no bundle signature verifies with {}", names.join(", "))
         })?;
+    if env.payload_type != INTOTO_PAYLOAD_TYPE {
+        return Err(format!(
+            "the DSSE payload type is {:?}, not {INTOTO_PAYLOAD_TYPE:?}",
+            clip(&env.payload_type, 128)
+        ));
+    }
     let statement: Statement = serde_json::from_slice(&payload)
         .map_err(|e| format!("DSSE payload is not an in-toto statement: {e}"))?;
+    match statement.predicate_type.as_deref() {
+        Some(COSIGN_SIGN_PREDICATE) => {}
+        other => {
+            return Err(format!(
+                "the bundle is an attestation ({}), not a signature ({COSIGN_SIGN_PREDICATE})",
+                clip(other.unwrap_or("no predicateType"), 128)
+            ))
+        }
+    }
     let hex = digest.trim_start_matches("sha256:");
     if !statement
         .subject
@@ -329,6 +375,11 @@ pub fn verify_bundle(
         ));
     }
     Ok(key)
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), marked when cut.
+fn clip(s: &str, max: usize) -> String {
+    super::error::clip(s, max)
 }
 
 #[cfg(test)]

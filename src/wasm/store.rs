@@ -320,7 +320,7 @@ impl Store {
     /// another process removed (purge, eviction) are dropped, never written back.
     pub fn merge_save(&self, index: &Index) -> Result<Index, String> {
         let (lock, path) = self.lock_file("index")?;
-        lock.lock().map_err(|e| io_ctx("cannot lock", &path, e))?;
+        lock_within(&lock, &path, INDEX_LOCK_DEADLINE)?;
         let mut merged = index.clone();
         merged.absorb(self.read_index());
         merged.modules.retain(|sha, e| {
@@ -353,6 +353,32 @@ impl Store {
             .open(&path)
             .map_err(|e| io_ctx("cannot open", &path, e))?;
         Ok((f, path))
+    }
+}
+
+/// The longest a process waits for another's index write (a suspended `ecds-agent fetch` holding
+/// the lock must not wedge every agent on the node): past it the save fails, is logged, and the
+/// next save tries again.
+pub const INDEX_LOCK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Takes `f`'s exclusive `flock`, waiting at most `deadline` (polling; `flock` has no timeout).
+pub fn lock_within(f: &File, path: &Path, deadline: std::time::Duration) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(e)) => return Err(io_ctx("cannot lock", path, e)),
+        }
+        if start.elapsed() >= deadline {
+            return Err(format!(
+                "{} is held by another process for over {deadline:?}",
+                path.display()
+            ));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
     }
 }
 

@@ -90,7 +90,11 @@ pub fn untar(
     fallback_first: bool,
 ) -> Result<TempFile, String> {
     let tar_err = |e: std::io::Error| format!("tar: {e}");
+    // How many `*.wasm` entries, and the first few (a hostile tar may hold millions: memory
+    // and the error message stay bounded).
+    const NAMES_KEPT: usize = 5;
     let mut wasm: Vec<(usize, String)> = Vec::new();
+    let mut wasm_count = 0usize;
     let mut plugin = None;
     let mut first = None;
     let mut archive = tar::Archive::new(open(src)?);
@@ -110,12 +114,15 @@ pub fn untar(
             break;
         }
         if base.ends_with(".wasm") {
-            wasm.push((i, path));
+            wasm_count += 1;
+            if wasm.len() < NAMES_KEPT {
+                wasm.push((i, super::error::clip(&path, 128)));
+            }
         } else if first.is_none() {
             first = Some((i, path));
         }
     }
-    let (index, path) = match (plugin, wasm.len()) {
+    let (index, path) = match (plugin, wasm_count) {
         (Some(p), _) => p,
         (None, 1) => wasm.remove(0),
         (None, 0) => match first {
@@ -123,13 +130,17 @@ pub fn untar(
             _ => return Err("tar holds no plugin.wasm".into()),
         },
         (None, _) => {
+            let names: Vec<&str> = wasm.iter().map(|(_, p)| p.as_str()).collect();
+            let more = wasm_count - names.len();
             return Err(format!(
-                "tar holds several .wasm files and no plugin.wasm: {}",
-                wasm.iter()
-                    .map(|(_, p)| p.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
+                "tar holds {wasm_count} .wasm files and no plugin.wasm: {}{}",
+                names.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ));
         }
     };
     let mut archive = tar::Archive::new(open(src)?);
@@ -232,7 +243,9 @@ mod tests {
         assert_eq!(run(&store, &other, d, limit).unwrap(), wasm);
         assert!(run(&store, &other, Boxing::Tar, limit).is_err());
         let two = tarball(&[("a.wasm", &wasm), ("b.wasm", &wasm)]);
-        assert!(run(&store, &two, d, limit).unwrap_err().contains("several"));
+        assert!(run(&store, &two, d, limit)
+            .unwrap_err()
+            .contains("2 .wasm files"));
         // Only the result is left in tmp/.
         drop(store);
         let left = std::fs::read_dir(dir.path().join("tmp")).unwrap().count();

@@ -36,6 +36,10 @@ pub struct ModuleView {
     pub used_by: Vec<String>,
     /// The host that served the module (a mirror or the origin).
     pub served_by: Option<String>,
+    /// Signatures that admitted it: digest → fingerprints (sha256 of the key's DER).
+    pub signatures: BTreeMap<String, Vec<String>>,
+    /// Per repository: `public` (pulled without credentials) or `private`.
+    pub access: BTreeMap<String, super::admission::Access>,
     pub last_error: Option<FailureInfo>,
 }
 
@@ -52,8 +56,11 @@ pub struct CacheView {
 impl Cache {
     /// Notes when the next background retry for a URL will run (debug page).
     pub fn note_retry(&self, url: &str, next_retry_in: Duration) {
+        let key = super::url::ModuleUrl::parse(url)
+            .map(|u| redact(&u.canonical()))
+            .unwrap_or_else(|_| redact(url));
         let mut st = self.lock();
-        if let Some(f) = st.failures.get_mut(&redact(url)) {
+        if let Some(f) = st.failures.get_mut(&key) {
             f.next_retry = Some(now_secs() + next_retry_in.as_secs());
         }
     }
@@ -87,6 +94,12 @@ impl Cache {
                     last_used: e.last_used,
                     used_by,
                     served_by: e.served_by.clone(),
+                    signatures: e
+                        .signatures
+                        .iter()
+                        .map(|(d, fps)| (d.clone(), fps.iter().cloned().collect()))
+                        .collect(),
+                    access: e.access.clone(),
                 }
             })
             .collect();

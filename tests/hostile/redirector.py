@@ -6,7 +6,9 @@ Routes:
   /chain/N?to=URL    302 to /chain/N-1 ... and /chain/0 302s to URL
   /file/NAME         the bytes of DIR/NAME
   /v2/...            with --realm: 401 with a Bearer challenge naming that realm (a registry
-                     sending clients to a token endpoint)
+                     sending clients to a token endpoint); with --realm-first too, the very
+                     first /v2/ answer names that realm instead (a registry that answers a
+                     probe one way and the request carrying credentials another)
 Every request is appended to --log as one JSON line (path and headers).
 Prints the bound port on the first line of stdout.
 """
@@ -27,7 +29,9 @@ def main():
     ap.add_argument("--cert")
     ap.add_argument("--key")
     ap.add_argument("--realm")
+    ap.add_argument("--realm-first")
     args = ap.parse_args()
+    seen_v2 = [0]
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -46,8 +50,10 @@ def main():
             q = urllib.parse.parse_qs(u.query)
             to = q.get("to", [""])[0]
             if args.realm and u.path.startswith("/v2/"):
+                seen_v2[0] += 1
+                realm = args.realm_first if args.realm_first and seen_v2[0] == 1 else args.realm
                 self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Bearer realm="%s",service="test"' % args.realm)
+                self.send_header("WWW-Authenticate", 'Bearer realm="%s",service="test"' % realm)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return

@@ -890,6 +890,11 @@ impl Client {
         };
 
         let realm = challenge.realm.as_ref();
+        // ecds-agent patch: the realm is checked here, on the answer whose request is about to
+        // carry the credentials, not on a separate probe the registry could answer otherwise.
+        if let Some(guard) = &self.config.realm_guard {
+            guard(realm).map_err(OciDistributionError::AuthenticationFailure)?;
+        }
         let service = challenge.service.as_ref();
         let mut query = vec![("scope", &scope)];
 
@@ -2493,6 +2498,9 @@ fn convert_certificates(certs: &[Certificate]) -> Result<Vec<reqwest::Certificat
     certs.iter().map(reqwest::Certificate::try_from).collect()
 }
 
+/// ecds-agent patch: a check of a token endpoint (the Bearer realm) before credentials go there.
+pub type RealmGuard = std::sync::Arc<dyn Fn(&str) -> std::result::Result<(), String> + Send + Sync>;
+
 /// A client configuration
 pub struct ClientConfig {
     /// Which protocol the client should use
@@ -2503,6 +2511,11 @@ pub struct ClientConfig {
 
     /// ecds-agent patch: the redirect policy. Defaults to reqwest's (at most 10 hops).
     pub redirect_policy: Option<reqwest::redirect::Policy>,
+
+    /// ecds-agent patch: checked on the Bearer realm of every token request, right before the
+    /// request that carries the credentials is sent; an `Err` refuses it (and the pull fails
+    /// with `AuthenticationFailure` naming why). Defaults to no check.
+    pub realm_guard: Option<RealmGuard>,
 
     /// Accept invalid hostname. Defaults to false
     #[cfg(feature = "native-tls")]
@@ -2588,6 +2601,7 @@ impl Default for ClientConfig {
             protocol: ClientProtocol::default(),
             dns_resolver: None,
             redirect_policy: None,
+            realm_guard: None,
             #[cfg(feature = "native-tls")]
             accept_invalid_hostnames: false,
             accept_invalid_certificates: false,

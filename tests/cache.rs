@@ -1165,3 +1165,56 @@ async fn processes_sharing_a_cache_dir_download_once() {
         serde_json::from_slice(&std::fs::read(dir.path().join("index.json")).unwrap()).unwrap();
     assert!(index["urls"].as_object().unwrap().len() >= 2, "{index}");
 }
+
+/// Two caches on one directory stand for two processes (each has its own lease). A module B
+/// hands out is safe from A's purge before B pins it: `get` publishes it as in use before it
+/// returns, whatever A's index says about its last use.
+#[tokio::test]
+async fn a_module_handed_out_is_safe_from_another_process_purge_before_its_pin() {
+    let srv = ModuleServer::start().await;
+    srv.put("m.wasm", module("handed-out"));
+    let dir = tempfile::tempdir().unwrap();
+    let a = cache_in(
+        dir.path(),
+        Opts {
+            expiry: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let m = a.get(&srv.url("m.wasm"), opts()).await.unwrap();
+    let b = cache_in(dir.path(), Opts::default()).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // A's record says unused for 2 s; B takes it now (a hit) and has not pinned it yet.
+    let again = b.get(&srv.url("m.wasm"), opts()).await.unwrap();
+    assert!(!again.fetched);
+    assert_eq!(a.purge_expired().await, 0);
+    assert!(m.path.exists(), "A purged the module B just handed out");
+}
+
+/// An index lock held by a suspended process (here: this test) does not wedge the others: a
+/// save gives up after its deadline, logged, and the get still returns its module.
+#[tokio::test]
+async fn a_held_index_lock_does_not_wedge_a_get() {
+    let srv = ModuleServer::start().await;
+    srv.put("m.wasm", module("lock-held"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("locks")).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.path().join("locks/index.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        let cache = cache_in(dir.path(), Opts::default()).await;
+        cache.get(&srv.url("m.wasm"), opts()).await
+    })
+    .await
+    .expect("a held index lock wedged the cache");
+    assert!(got.is_ok(), "{got:?}");
+    assert!(started.elapsed() < Duration::from_secs(25));
+    drop(lock);
+}

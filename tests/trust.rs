@@ -209,3 +209,85 @@ async fn through_ecds_a_private_module_needs_the_resources_own_pull_secret_prove
         "{m}"
     );
 }
+
+/// An ECDSA P-256 public key (PEM) made by openssl, for a policy that requires a signature.
+fn public_key(dir: &Path) -> std::path::PathBuf {
+    let (k, p) = (dir.join("k.key"), dir.join("k.pub"));
+    for args in [
+        vec![
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ],
+        vec!["ec", "-pubout", "-in"],
+    ] {
+        let mut cmd = Command::new("openssl");
+        cmd.args(&args).arg(&k);
+        if args[0] == "ec" {
+            cmd.arg("-out").arg(&p);
+        }
+        assert!(cmd.output().unwrap().status.success());
+    }
+    p
+}
+
+/// A module another process cached without a policy is refused through ECDS by an agent whose
+/// policy requires a signature: stand-in to Envoy, a NACK naming the rule, nothing new stored.
+#[tokio::test]
+async fn through_ecds_a_cached_module_meets_the_agents_policy() {
+    let reg = Registry::plain().await;
+    let w = module("policy-ecds");
+    reg.push("sc/ecds", "v1", &w, Layout::Docker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let insecure = ["--insecure-registries", reg.addr.as_str()];
+    let out = fetch(&reg.url("sc/ecds:v1"), &cache, &insecure);
+    assert!(out.status.success(), "{}", text(&out));
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[rule]]\nmatch = \"{}/sc/*\"\npublic_key = \"{}\"\n",
+            reg.addr,
+            public_key(dir.path()).display()
+        ),
+    )
+    .unwrap();
+
+    let mut cp = ControlPlane::start().await;
+    let agent = Agent::builder(&cp.url())
+        .cache_dir(&cache)
+        .args(insecure)
+        .args(["--verify-policy", policy.to_str().unwrap()])
+        .start()
+        .await;
+    let names = ["extensions.istio.io/wasmplugin/ns.signed-only"];
+    let (mut envoy, mut up) = sotw_ecds(&agent, &mut cp, &names).await;
+    let res = ecds_remote(
+        names[0],
+        &reg.url("sc/ecds:v1"),
+        &Remote {
+            env: vec![(POLICY_ENV.into(), "IfNotPresent".into())],
+            ..Default::default()
+        },
+    );
+    up.send(ecds_resp("v1", "n1", vec![res]));
+    let detail = up.recv().await.error_detail.expect("a NACK").message;
+    assert!(
+        detail.contains("signature check") && detail.contains(&format!("{}/sc/*", reg.addr)),
+        "{detail}"
+    );
+    let got = envoy.recv().await;
+    let (_, tc) = open_tec(&got.resources[0]);
+    assert!(tc.type_url.ends_with("rbac.v3.RBAC"), "{}", tc.type_url);
+    assert_eq!(modules_in(&cache), 1, "nothing new stored");
+    let m = agent.metrics().await;
+    assert!(
+        support::agent::metric_value(&m, "ecds_agent_wasm_signature_checks", "result=\"failed\"")
+            >= 1.0,
+        "{m}"
+    );
+}

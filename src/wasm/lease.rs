@@ -137,4 +137,31 @@ mod tests {
         let left: Vec<_> = fs::read_dir(dir.path().join("leases")).unwrap().collect();
         assert_eq!(left.len(), 1, "only a's lock file is left");
     }
+
+    /// A lease is never visible unlocked: a reaper running all the while never takes a new
+    /// lease for a dead process's and removes it.
+    #[test]
+    fn a_reaper_never_removes_a_lease_being_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let reaper = Lease::create(dir.path()).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let t = std::thread::spawn(move || {
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                reaper.foreign_pins();
+            }
+        });
+        let leases: Vec<Lease> = (0..300)
+            .map(|_| Lease::create(dir.path()).unwrap())
+            .collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+        for l in &leases {
+            assert!(
+                l.dir.join(format!("{}.lock", l.id)).exists(),
+                "lease {} was reaped while alive",
+                l.id
+            );
+        }
+    }
 }

@@ -359,7 +359,7 @@ impl Store {
 /// The longest a process waits for another's index write (a suspended `ecds-agent fetch` holding
 /// the lock must not wedge every agent on the node): past it the save fails, is logged, and the
 /// next save tries again.
-pub const INDEX_LOCK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+pub const INDEX_LOCK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Takes `f`'s exclusive `flock`, waiting at most `deadline` (polling; `flock` has no timeout).
 pub fn lock_within(f: &File, path: &Path, deadline: std::time::Duration) -> Result<(), String> {

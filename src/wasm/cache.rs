@@ -1,64 +1,78 @@
 //! `Cache::get(url, opts) -> Module`: the one entry point that turns a module URL into a
-//! verified local file. This file is the façade: it owns the cache's in-memory state and the
-//! order of work; the jobs live beside it.
+//! verified local file that *this* request may have. The cache is the only owner of its state
+//! (index, pins, holds, flights, failures, proofs): no other module has an `impl Cache` or
+//! reaches into `State`; the jobs beside it are pure functions over what it lends them
+//! (`admission`, `index`, `retention`, `view`) or do I/O without touching it (`fetch`,
+//! `store`, `lease`, `flight`'s lock).
 //!
-//! Order of work for a `get`:
-//! 1. lookup without network (`index`): by the expected sha256 (module or OCI digest), else by
-//!    the URL's last result when the pull policy allows reuse (IfNotPresent; Always with an
-//!    unchanged resource version; `:latest`/untagged OCI means Always);
-//! 2. otherwise join or start the single download for (URL, expected sha256, credentials),
-//!    in this process and across processes sharing the directory (`flight`);
-//! 3. fetch, unbox, check, validate and store, streaming (`pipeline`).
-//!
-//! Beside it: `retention` (pins, purge, LRU) with `lease` (pins other processes see), `view`
-//! (the admin snapshot), `store` (files on disk).
+//! Order of work for a `get`, one pipeline for every path:
+//! 1. canonicalise the URL (`url`), refuse what the policy refuses outright (`admission`);
+//! 2. lookup without network (`index`): by the expected sha256 (module or OCI digest), else by
+//!    the URL's last result when the pull policy allows reuse;
+//! 3. the gate on a hit: the signature policy in force against what admitted the module, and
+//!    the requester's right to pull a private one (`admission`, one manifest `HEAD` per TTL);
+//!    what the record cannot answer goes to the network;
+//! 4. otherwise join or start the single download for (URL, expected sha256, credentials), in
+//!    this process and across processes sharing the directory (`flight`); a module another
+//!    process fetched meanwhile passes the same gate;
+//! 5. fetch (`fetch`), validate, store, index, with what the pull showed (signature, access);
+//! 6. hold: the module is published as in use (`lease`) before `get` returns, until the caller
+//!    pins it.
 //!
 //! # Invariants
 //! * A file in `modules/` is complete and named by the sha256 of its bytes: modules are written
 //!   to a locked temp file, validated and renamed into place; a crash leaves only temp files.
 //! * An index entry names a module file that exists with its size; entries whose file another
 //!   process removed are dropped on the next save, never written back.
-//! * A module pinned by a live ECDS resource of *any* process sharing the directory is never
-//!   purged or evicted.
+//! * No module is handed out that the policy in force, or the requester's credentials, would
+//!   not get from the registry (`gate`, on every path).
+//! * A module pinned or held by *any* process sharing the directory is never purged; one pinned
+//!   by any process is never evicted.
 //! * One download per download key at a time, across every process sharing the directory.
-//! * No file I/O, hashing or lock waiting under the state mutex, and none on async threads.
+//! * No file I/O, hashing or lock waiting under the state mutex, and none on async threads
+//!   beyond one `stat(2)`. Lock order: `save_lock` (async) → file locks (with deadlines) →
+//!   the state mutex; the proofs mutex is never held with the state mutex.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use tokio::time::Instant;
 
+use futures::future::{BoxFuture, FutureExt};
+
 use super::admission::{self, Admission, Authorization};
-use super::error::{redact, FetchError};
-use super::flight::{Flight, FlightKey};
-use super::http::HttpFetcher;
+use super::error::{io_err, redact, FetchError};
+use super::fetch::{manifest_match, Fetched, Fetcher, NewModule};
+use super::flight::{deadline_after, lock_download, Flight, FlightKey};
 use super::index::{effective_policy, expected_checksum, find_by_checksum, record_url, reusable};
 use super::lease::Lease;
-use super::oci::OciFetcher;
-use super::options::{CacheConfig, GetOptions, Matched, Module};
-use super::pins::Pins;
+use super::oci::Resolved;
+use super::options::{CacheConfig, GetOptions, Matched, Module, PullPolicy};
+use super::pins::{PinChange, Pins};
 use super::proofs::{cred_id, Proofs};
-use super::store::{now_secs, Index, Store};
+use super::store::{now_ms, now_secs, Index, ModuleEntry, Store};
 use super::url::ModuleUrl;
-use super::view::FailureInfo;
+use super::view::{CacheView, FailureInfo};
+use super::{retention, verify, view};
 use crate::admin::metrics as m;
 
 #[derive(Default)]
-pub(super) struct State {
-    pub(super) index: Index,
+struct State {
+    index: Index,
     /// Which module each live ECDS resource uses.
-    pub(super) pins: Pins,
+    pins: Pins,
     /// Bumped whenever the pinned set changes (orders its publication).
-    pub(super) pin_generation: u64,
+    pin_generation: u64,
     /// One download per (URL, expected checksum, pull-secret hash): callers with different
     /// credentials never share a download (nor its auth result).
-    pub(super) flights: HashMap<FlightKey, Flight>,
+    flights: HashMap<FlightKey, Flight>,
     /// The last failure per URL, at most [`MAX_FAILURES`] (the oldest goes first).
-    pub(super) failures: HashMap<String, FailureInfo>,
+    failures: HashMap<String, FailureInfo>,
     /// Modules handed out by `get` and not pinned yet, until when: published with the pins, so
     /// that no other process purges a module between the hit and its pin.
-    pub(super) holds: HashMap<String, Instant>,
+    holds: HashMap<String, Instant>,
     /// Changes made to `index` so far, and how many of them are on disk: saves are group
     /// commits, so whoever waited behind a save that took its change along returns at once.
     edits: u64,
@@ -67,12 +81,12 @@ pub(super) struct State {
 
 impl State {
     /// Records that `index` changed and must be saved.
-    pub(super) fn changed(&mut self) {
+    fn changed(&mut self) {
         self.edits += 1;
     }
 
     /// Whether a live resource uses `sha`, or a `get` handed it out moments ago.
-    pub(super) fn in_use(&self, sha: &str) -> bool {
+    fn in_use(&self, sha: &str) -> bool {
         self.pins.contains(sha)
             || self
                 .holds
@@ -81,7 +95,7 @@ impl State {
     }
 
     /// What this process publishes to others as in use: pins and live holds.
-    pub(super) fn published(&mut self) -> std::collections::BTreeSet<String> {
+    fn published(&mut self) -> std::collections::BTreeSet<String> {
         let now = Instant::now();
         self.holds.retain(|_, until| *until > now);
         let mut set = self.pins.shas();
@@ -89,7 +103,7 @@ impl State {
         set
     }
 
-    pub(super) fn total_bytes(&self) -> u64 {
+    fn total_bytes(&self) -> u64 {
         self.index.modules.values().map(|e| e.size).sum()
     }
 }
@@ -102,35 +116,26 @@ pub const MAX_FAILURES: usize = 256;
 const HOLD: std::time::Duration = std::time::Duration::from_secs(120);
 
 pub struct Cache {
-    pub(super) cfg: CacheConfig,
-    pub(super) store: Store,
-    pub(super) http: HttpFetcher,
-    pub(super) oci: OciFetcher,
-    pub(super) helpers: super::credhelper::CredHelpers,
+    cfg: CacheConfig,
+    store: Store,
+    fetcher: Fetcher,
     /// This process's pins as other processes see them.
-    pub(super) lease: Arc<Lease>,
+    lease: Arc<Lease>,
     state: Mutex<State>,
     save_lock: tokio::sync::Mutex<()>,
     /// A [`Cache::save_soon`] task is queued and has not started.
     save_queued: std::sync::atomic::AtomicBool,
     /// Rights to pull private modules shown recently (credentials × repository).
-    pub(super) proofs: Mutex<Proofs>,
+    proofs: Mutex<Proofs>,
 }
 
 /// A cached module and what the index records about it, before the gate.
-pub(super) struct Hit {
+struct Hit {
     pub module: Module,
     pub signatures: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
     pub access: std::collections::BTreeMap<String, admission::Access>,
     /// Found through this very URL's own recorded result.
     pub same_url: bool,
-}
-
-pub(super) fn io_err(url: &str, reason: String) -> FetchError {
-    FetchError::Io {
-        url: url.to_owned(),
-        reason,
-    }
 }
 
 impl Cache {
@@ -152,18 +157,11 @@ impl Cache {
             removed_partials = report.removed_partials,
             "module cache opened"
         );
-        let http = HttpFetcher::new(cfg.tls.clone(), cfg.http.clone())?;
-        let oci = OciFetcher::new(
-            cfg.tls.clone(),
-            cfg.max_module_bytes,
-            cfg.http.blocked.clone(),
-        )?;
+        let fetcher = Fetcher::new(cfg.clone(), store.clone())?;
         let cache = Arc::new(Cache {
             cfg,
             store,
-            http,
-            oci,
-            helpers: Default::default(),
+            fetcher,
             lease: Arc::new(lease),
             state: Mutex::new(State {
                 index,
@@ -183,11 +181,11 @@ impl Cache {
         &self.cfg
     }
 
-    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn publish_gauges(&self) {
+    fn publish_gauges(&self) {
         let st = self.lock();
         gauge!(m::CACHE_ENTRIES).set(st.index.modules.len() as f64);
         gauge!(m::CACHE_BYTES).set(st.total_bytes() as f64);
@@ -254,7 +252,7 @@ impl Cache {
     /// with what the index records about it. The file is looked at outside the state lock with
     /// one inline `stat(2)` of a file in the local cache directory: a blocking-pool round trip
     /// for it made a warm conversion 15× slower (`make bench BENCH=convert`: ~100 µs → ~7 µs).
-    pub(super) async fn cached(&self, sha: &str, matched: Option<Matched>) -> Option<Hit> {
+    async fn cached(&self, sha: &str, matched: Option<Matched>) -> Option<Hit> {
         let path = self.store.module_path(sha);
         let exists = std::fs::metadata(&path).is_ok();
         let mut st = self.lock();
@@ -400,7 +398,7 @@ impl Cache {
     /// cannot prove from here), `Err` refuses it. With `network` unset (a module another
     /// process fetched, found while holding the download lock) nothing is asked of the
     /// registry: what needs it gives `Ok(None)` and the download path checks it instead.
-    pub(super) async fn gate(
+    async fn gate(
         &self,
         parsed: &ModuleUrl,
         hit: Hit,
@@ -431,6 +429,7 @@ impl Cache {
             (Authorization::Fetch, _) => Ok(None),
             (Authorization::Prove(repo), ModuleUrl::Oci(r)) => {
                 let auth = self
+                    .fetcher
                     .registry_auth(r, opts.pull_secret.as_deref(), shown)
                     .await?;
                 let cred = cred_id(&auth);
@@ -466,13 +465,7 @@ impl Cache {
         opts: &GetOptions,
         shown: &str,
     ) -> Result<(), FetchError> {
-        let insecure = self
-            .cfg
-            .registries
-            .sources(r)
-            .last()
-            .is_some_and(|s| s.insecure);
-        let check = tokio::time::timeout(opts.timeout, self.oci.prove(shown, r, auth, insecure));
+        let check = tokio::time::timeout(opts.timeout, self.fetcher.prove(r, auth, shown));
         match check.await {
             Ok(Ok(())) => {
                 counter!(m::PULL_AUTH_CHECKS, "result" => "allowed").increment(1);
@@ -505,12 +498,12 @@ impl Cache {
         }
     }
 
-    pub(super) fn proofs_lock(&self) -> MutexGuard<'_, Proofs> {
+    fn proofs_lock(&self) -> MutexGuard<'_, Proofs> {
         self.proofs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records how `repo` gave out module `sha` (see `admission`).
-    pub(super) fn note_access(&self, sha: &str, repo: &str, access: admission::Access) {
+    fn note_access(&self, sha: &str, repo: &str, access: admission::Access) {
         let mut st = self.lock();
         let Some(e) = st.index.modules.get_mut(sha) else {
             return;
@@ -522,7 +515,7 @@ impl Cache {
     }
 
     /// Records a signature verified over `digest` by key `fingerprint` for module `sha`.
-    pub(super) fn note_signature(&self, sha: &str, digest: &str, fingerprint: &str) {
+    fn note_signature(&self, sha: &str, digest: &str, fingerprint: &str) {
         let mut st = self.lock();
         let Some(e) = st.index.modules.get_mut(sha) else {
             return;
@@ -539,7 +532,7 @@ impl Cache {
     /// Protects `module` from every process's purge until its caller pins it (or [`HOLD`]
     /// passes), published before this returns; `false` if the file vanished meanwhile (another
     /// process purged it first: fetch it again).
-    pub(super) async fn hold(&self, module: &Module) -> bool {
+    async fn hold(&self, module: &Module) -> bool {
         let publish = {
             let mut st = self.lock();
             let fresh = !st.in_use(&module.sha256);
@@ -595,21 +588,446 @@ impl Cache {
     }
 
     /// Records `url`'s result in the index (see [`record_url`]).
-    pub(super) fn record(
-        &self,
-        st: &mut State,
-        url: &str,
-        module: &Module,
-        opts: Option<&GetOptions>,
-    ) {
+    fn record(&self, st: &mut State, url: &str, module: &Module, opts: Option<&GetOptions>) {
         if record_url(&mut st.index, url, module, opts, now_secs()) {
             st.changed();
         }
     }
+    /// After waiting for another process: the module it fetched, if it is what we need and
+    /// the gate lets this request have it without asking the registry.
+    async fn fetched_meanwhile(
+        &self,
+        url: &str,
+        parsed: &ModuleUrl,
+        expected: Option<&str>,
+        since_ms: u64,
+        opts: &GetOptions,
+    ) -> Option<Module> {
+        let store = self.store.clone();
+        let disk = tokio::task::spawn_blocking(move || store.read_index())
+            .await
+            .ok()?;
+        let (sha, matched, same_url) = {
+            let mut st = self.lock();
+            st.index.absorb(disk);
+            match expected {
+                Some(e) => {
+                    let (sha, matched) = find_by_checksum(&st.index, e)?;
+                    let same = st.index.url(url).is_some_and(|u| u.sha256 == sha);
+                    (sha, matched, same)
+                }
+                None => {
+                    let u = st.index.url(url).filter(|u| u.fetched_at_ms >= since_ms)?;
+                    (u.sha256.clone(), None, true)
+                }
+            }
+        };
+        let mut hit = self.cached(&sha, matched).await?;
+        hit.same_url = same_url;
+        self.gate(parsed, hit, opts, &redact(url), false)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Joins the download in flight for the same key, or starts it. The download runs on its
+    /// own task, so a caller that gives up does not cancel it for the others.
+    fn flight(
+        self: &Arc<Self>,
+        url: &str,
+        parsed: ModuleUrl,
+        expected: Option<String>,
+        opts: &GetOptions,
+    ) -> Flight {
+        let secret_id = opts.pull_secret.as_deref().map(verify::sha256_hex);
+        let key = (url.to_owned(), expected.clone(), secret_id);
+        let mut st = self.lock();
+        if let Some(f) = st.flights.get(&key) {
+            return f.clone();
+        }
+        let this = self.clone();
+        let url_owned = url.to_owned();
+        let opts_owned = opts.clone();
+        let deadline = deadline_after(opts.timeout);
+        // What another process fetched may be reused as a cache hit would be: any time, or under
+        // Always only from now on.
+        let since_ms = match effective_policy(&parsed, opts) {
+            PullPolicy::Always => now_ms(),
+            _ => 0,
+        };
+        let key2 = key.clone();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = this
+                .fill(
+                    &url_owned,
+                    &parsed,
+                    expected.as_deref(),
+                    &opts_owned,
+                    deadline,
+                    since_ms,
+                )
+                .await
+                .map_err(FetchError::bounded);
+            this.lock().flights.remove(&key2);
+            record_fetch(&url_owned, &result, started);
+            result
+        });
+        let shown = redact(url);
+        let fut: BoxFuture<'static, Result<Module, FetchError>> = async move {
+            task.await
+                .unwrap_or_else(|e| Err(io_err(&shown, format!("fetch task failed: {e}"))))
+        }
+        .boxed();
+        let shared = fut.shared();
+        st.flights.insert(key, shared.clone());
+        shared
+    }
+
+    /// Fetches, verifies and stores one module.
+    async fn fill(
+        self: &Arc<Self>,
+        url: &str,
+        parsed: &ModuleUrl,
+        expected: Option<&str>,
+        opts: &GetOptions,
+        deadline: Instant,
+        since_ms: u64,
+    ) -> Result<Module, FetchError> {
+        let shown = redact(url);
+        let secret = opts.pull_secret.clone();
+        // Other processes sharing the directory (agents, `ecds-agent fetch`) download a module
+        // once too: one lock file per download key, held until the result is on disk. Once the
+        // lock is ours, the index on disk says whether another process got there first (while
+        // we waited, or between our lookup and now).
+        let key = verify::sha256_hex(
+            format!(
+                "{url}\n{expected:?}\n{:?}",
+                secret.as_deref().map(verify::sha256_hex)
+            )
+            .as_bytes(),
+        );
+        let _lock = lock_download(&self.store, &key, deadline, &shown).await?;
+        if let Some(module) = self
+            .fetched_meanwhile(url, parsed, expected, since_ms, opts)
+            .await
+        {
+            return Ok(module);
+        }
+        let (fetched, provenance) = match parsed {
+            ModuleUrl::Http(u) => (
+                self.fetcher
+                    .fetch_http(u, &shown, expected, deadline)
+                    .await?,
+                None,
+            ),
+            ModuleUrl::Oci(r) => {
+                let known = |resolved: &Resolved, expected: Option<&str>| {
+                    self.cached_by_manifest(resolved, expected)
+                };
+                let (f, p) = self
+                    .fetcher
+                    .fetch_oci(r, &shown, expected, secret.as_deref(), deadline, &known)
+                    .await?;
+                (f, Some(p))
+            }
+        };
+        let module = match fetched {
+            Fetched::Cached(module) => module,
+            Fetched::New(new) => self.store_module(url, &shown, new).await?,
+        };
+        // What this download showed: the signature that admitted it, whether the repository
+        // wanted credentials, and that these credentials may pull it.
+        if let Some(p) = provenance {
+            if let Some((digest, fingerprint)) = &p.signed {
+                self.note_signature(&module.sha256, digest, fingerprint);
+            }
+            self.note_access(&module.sha256, &p.repo, p.access);
+            self.proofs_lock()
+                .insert(&p.cred, &p.repo, std::time::Instant::now());
+        }
+        // Make the result visible on disk before the lock is released.
+        {
+            let mut st = self.lock();
+            self.record(&mut st, url, &module, None);
+            st.index.url_mut(url).fetched_at_ms = now_ms();
+            st.changed();
+        }
+        self.save().await;
+        Ok(module)
+    }
+
+    /// Validates and writes a new module, then indexes it.
+    async fn store_module(
+        &self,
+        url: &str,
+        shown: &str,
+        new: NewModule,
+    ) -> Result<Module, FetchError> {
+        let NewModule {
+            file,
+            sha,
+            digests,
+            matched,
+            served_by,
+        } = new;
+        let max = self.cfg.max_module_bytes;
+        let size = file
+            .file
+            .metadata()
+            .map_err(|e| io_err(shown, format!("cannot stat the module: {e}")))?
+            .len();
+        if size > max {
+            return Err(FetchError::TooLarge {
+                url: shown.to_owned(),
+                limit: max,
+                what: format!("module is {size} bytes"),
+            });
+        }
+        let store = self.store.clone();
+        let sha2 = sha.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            verify::validate_file(&file.path).map_err(|r| (true, r))?;
+            store.persist_module(file, &sha2).map_err(|r| (false, r))
+        })
+        .await
+        .map_err(|e| io_err(shown, e.to_string()))?;
+        let path = written.map_err(|(invalid, reason)| {
+            if invalid {
+                FetchError::Invalid {
+                    url: shown.to_owned(),
+                    reason,
+                }
+            } else {
+                io_err(shown, reason)
+            }
+        })?;
+        let now = now_secs();
+        {
+            let mut st = self.lock();
+            let entry = st
+                .index
+                .modules
+                .entry(sha.clone())
+                .or_insert_with(|| ModuleEntry {
+                    size,
+                    fetched_at: now,
+                    ..Default::default()
+                });
+            entry.last_used = now;
+            entry.urls.insert(redact(url));
+            entry.oci_digests.extend(digests.iter().cloned());
+            entry.served_by = Some(served_by.clone());
+            st.changed();
+        }
+        counter!(m::FETCHES_SERVED, "host" => m::bounded_label(m::FETCHES_SERVED, &served_by))
+            .increment(1);
+        self.enforce_budget(&sha).await;
+        self.publish_gauges();
+        Ok(Module {
+            path,
+            sha256: sha,
+            oci_digest: digests.into_iter().next(),
+            size,
+            matched,
+            fetched: true,
+            served_by: Some(served_by),
+        })
+    }
+
+    /// The cached module whose OCI digest is `resolved`'s, if it satisfies `expected` (lookup
+    /// #2, asked by the fetcher before it pulls a layer; the manifest was just fetched with the
+    /// request's credentials and its signatures checked, so the gate's questions are answered).
+    fn cached_by_manifest(&self, resolved: &Resolved, expected: Option<&str>) -> Option<Module> {
+        let (sha, _) = find_by_checksum(
+            &self.lock().index,
+            resolved.digest.trim_start_matches("sha256:"),
+        )?;
+        let matched = manifest_match(&sha, resolved, expected)?;
+        let path = self.store.module_path(&sha);
+        let size = std::fs::metadata(&path).ok()?.len();
+        Some(Module {
+            path,
+            sha256: sha,
+            oci_digest: Some(resolved.digest.clone()),
+            size,
+            matched,
+            fetched: false,
+            served_by: None,
+        })
+    }
+
+    // ---- retention: pins, holds, purge, budget (the policy itself is `retention`) ----
+
+    /// The modules other live processes pin or hold (read off the async threads).
+    async fn foreign_pins(&self) -> std::collections::BTreeSet<String> {
+        let lease = self.lease.clone();
+        tokio::task::spawn_blocking(move || lease.foreign_pins())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Deletes module files (off the async threads), counting each under `reason`.
+    async fn delete_files(&self, victims: Vec<String>, reason: &'static str) {
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for sha in victims {
+                counter!(m::CACHE_EVICTIONS, "reason" => reason).increment(1);
+                match store.remove_module(&sha) {
+                    Ok(()) => {
+                        tracing::info!(sha256 = %sha, reason, "module removed from the cache")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not delete the module file"),
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Evicts least recently used modules no process pins (never `keep`) while over the byte
+    /// budget. This process's holds do not count here: a module just handed out is the most
+    /// recently used, so LRU takes it last.
+    async fn enforce_budget(&self, keep: &str) {
+        if self.cfg.max_cache_bytes == 0 {
+            return;
+        }
+        let foreign = self.foreign_pins().await;
+        let victims = {
+            let mut st = self.lock();
+            let (out, left) = retention::over_budget(
+                &st.index,
+                keep,
+                |sha| st.pins.contains(sha) || foreign.contains(sha),
+                self.cfg.max_cache_bytes,
+            );
+            if left > self.cfg.max_cache_bytes {
+                tracing::warn!(
+                    total = left,
+                    budget = self.cfg.max_cache_bytes,
+                    "cache over its byte budget, but the remaining modules are in use"
+                );
+            }
+            for sha in &out {
+                retention::remove_entry(&mut st.index, sha);
+                st.changed();
+            }
+            out
+        };
+        self.delete_files(victims, "budget").await;
+    }
+
+    /// Removes modules unused for longer than the expiry, unless a live resource of any
+    /// process uses them or a `get` of any process just handed them out.
+    pub async fn purge_expired(&self) -> usize {
+        let foreign = self.foreign_pins().await;
+        let victims = {
+            let mut st = self.lock();
+            let out = retention::expired(
+                &st.index,
+                |sha| st.in_use(sha) || foreign.contains(sha),
+                now_secs(),
+                self.cfg.expiry.as_secs(),
+            );
+            for sha in &out {
+                retention::remove_entry(&mut st.index, sha);
+                st.changed();
+            }
+            out
+        };
+        let n = victims.len();
+        self.delete_files(victims, "expired").await;
+        self.publish_gauges();
+        self.save().await;
+        n
+    }
+
+    /// Runs `purge_expired` every purge interval until the task is dropped.
+    pub fn spawn_purger(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(this.cfg.purge_interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                this.purge_expired().await;
+            }
+        })
+    }
+
+    /// Records that `owner`'s resource `name` uses module `sha` (`None`: uses none).
+    pub fn pin(&self, owner: u64, name: &str, sha: Option<&str>) {
+        let mut st = self.lock();
+        let change = st.pins.set((owner, name.to_owned()), sha);
+        // The pin takes over from the hold `get` took.
+        if let Some(sha) = sha {
+            st.holds.remove(sha);
+        }
+        self.apply(&mut st, change);
+    }
+
+    /// Drops every pin of `owner` (a closed Envoy stream); released modules start a fresh expiry.
+    pub fn release_owner(&self, owner: u64) {
+        let mut st = self.lock();
+        let change = st.pins.release_owner(owner);
+        self.apply(&mut st, change);
+    }
+
+    /// Released modules start a fresh expiry; a changed set of modules in use is published to
+    /// other processes (off the async threads, in order).
+    fn apply(&self, st: &mut State, change: PinChange) {
+        for sha in &change.released {
+            if let Some(e) = st.index.modules.get_mut(sha) {
+                e.last_used = now_secs();
+                st.changed();
+            }
+        }
+        if !change.set_changed {
+            return;
+        }
+        st.pin_generation += 1;
+        let generation = st.pin_generation;
+        let lease = self.lease.clone();
+        let set = st.published();
+        let write = move || {
+            if let Err(e) = lease.publish(generation, &set) {
+                tracing::warn!(error = %e, "cannot publish pinned modules to other processes");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
+        }
+    }
+
+    // ---- the admin view ----
+
+    /// Notes when the next background retry for a URL will run (debug page).
+    pub fn note_retry(&self, url: &str, next_retry_in: Duration) {
+        let key = ModuleUrl::parse(url)
+            .map(|u| redact(&u.canonical()))
+            .unwrap_or_else(|_| redact(url));
+        let mut st = self.lock();
+        if let Some(f) = st.failures.get_mut(&key) {
+            f.next_retry = Some(now_secs() + next_retry_in.as_secs());
+        }
+    }
+
+    /// A consistent snapshot for the admin pages.
+    pub fn view(&self) -> CacheView {
+        let st = self.lock();
+        view::snapshot(
+            &st.index,
+            &st.pins,
+            &st.failures,
+            &self.store,
+            &self.cfg.dir,
+            self.cfg.max_cache_bytes,
+        )
+    }
 }
 
 /// Metrics and a log line for one finished download.
-pub(super) fn record_fetch(url: &str, result: &Result<Module, FetchError>, started: Instant) {
+fn record_fetch(url: &str, result: &Result<Module, FetchError>, started: Instant) {
     match result {
         Ok(m) if m.fetched => {
             counter!(m::REMOTE_FETCH_COUNT, "result" => "success").increment(1);

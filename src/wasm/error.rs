@@ -63,6 +63,14 @@ pub enum FetchError {
     Io { url: String, reason: String },
 }
 
+/// A cache-directory I/O failure for `url`.
+pub fn io_err(url: &str, reason: String) -> FetchError {
+    FetchError::Io {
+        url: url.to_owned(),
+        reason,
+    }
+}
+
 /// The most of an error's cause the agent stores, logs, shows or sends in a NACK.
 pub const MAX_REASON_BYTES: usize = 1024;
 

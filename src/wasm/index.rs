@@ -104,6 +104,12 @@ pub struct Index {
     pub urls: BTreeMap<String, UrlEntry>,
 }
 
+/// Whether `key` can name a module file: exactly 64 lowercase hex digits. Index keys come from
+/// a file other processes write, so they are checked before they become paths.
+pub fn valid_key(key: &str) -> bool {
+    key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The index key of a URL: the sha256 (hex) of the URL as given.
 pub fn url_key(url: &str) -> String {
     super::verify::sha256_hex(url.as_bytes())
@@ -126,7 +132,7 @@ impl Index {
     /// Drops what an index file must not hold or cannot name: URL results not keyed by a URL
     /// hash (an older format, keyed by the raw URL) and unredacted URLs in module entries.
     pub fn sanitize(&mut self) {
-        self.urls.retain(|k, _| super::store::valid_key(k));
+        self.urls.retain(|k, _| valid_key(k));
         for u in self.urls.values_mut() {
             u.url = redact(&u.url);
         }

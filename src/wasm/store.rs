@@ -21,17 +21,11 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-pub use super::index::{Index, ModuleEntry, UrlEntry};
+pub use super::index::{valid_key, Index, ModuleEntry, UrlEntry};
 
 /// A temp file whose writer's lock is free is removed only once it is this old (covers the
 /// instant between creating a temp file and locking it).
 pub const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Whether `key` can name a module file: exactly 64 lowercase hex digits. Index keys come from
-/// a file other processes write, so they are checked before they become paths.
-pub fn valid_key(key: &str) -> bool {
-    key.len() == 64 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
 
 /// sha256 (hex) and length of a file, read in 64 KiB pieces.
 pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {

@@ -1,15 +1,16 @@
 //! The admin view of the cache: a consistent snapshot of its modules, who uses them and what
-//! failed, for `/debug/wasm` and `/stats`. Reads the cache's state; never changes the index.
+//! failed, for `/debug/wasm` and `/stats`. A pure function of the state the cache lends it
+//! under its lock; it never changes anything.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use serde::Serialize;
 
-use super::cache::Cache;
 use super::error::redact;
-use super::store::now_secs;
+use super::index::Index;
+use super::pins::Pins;
+use super::store::Store;
 
 /// The last failure seen for a URL (debug page).
 #[derive(Debug, Clone, Serialize)]
@@ -53,66 +54,57 @@ pub struct CacheView {
     pub failures: BTreeMap<String, FailureInfo>,
 }
 
-impl Cache {
-    /// Notes when the next background retry for a URL will run (debug page).
-    pub fn note_retry(&self, url: &str, next_retry_in: Duration) {
-        let key = super::url::ModuleUrl::parse(url)
-            .map(|u| redact(&u.canonical()))
-            .unwrap_or_else(|_| redact(url));
-        let mut st = self.lock();
-        if let Some(f) = st.failures.get_mut(&key) {
-            f.next_retry = Some(now_secs() + next_retry_in.as_secs());
-        }
+/// A snapshot for the admin pages: modules, their URLs, digests, users and last errors.
+pub(super) fn snapshot(
+    index: &Index,
+    pins: &Pins,
+    failures: &HashMap<String, FailureInfo>,
+    store: &Store,
+    cache_dir: &std::path::Path,
+    budget_bytes: u64,
+) -> CacheView {
+    let mut users: HashMap<&str, Vec<String>> = HashMap::new();
+    for ((owner, name), sha) in pins.iter() {
+        users
+            .entry(sha.as_str())
+            .or_default()
+            .push(format!("{name} (stream {owner})"));
     }
-
-    /// A snapshot for the admin pages: modules, their URLs, digests, users and last errors.
-    pub fn view(&self) -> CacheView {
-        let st = self.lock();
-        let mut users: HashMap<&str, Vec<String>> = HashMap::new();
-        for ((owner, name), sha) in st.pins.iter() {
-            users
-                .entry(sha.as_str())
-                .or_default()
-                .push(format!("{name} (stream {owner})"));
-        }
-        let modules = st
-            .index
-            .modules
+    let modules = index
+        .modules
+        .iter()
+        .map(|(sha, e)| {
+            let urls: Vec<String> = e.urls.iter().map(|u| redact(u)).collect();
+            let mut used_by = users.get(sha.as_str()).cloned().unwrap_or_default();
+            used_by.sort();
+            ModuleView {
+                sha256: sha.clone(),
+                path: store.module_path(sha),
+                last_error: urls.iter().find_map(|u| failures.get(u)).cloned(),
+                urls,
+                oci_digests: e.oci_digests.iter().cloned().collect(),
+                size: e.size,
+                fetched_at: e.fetched_at,
+                last_used: e.last_used,
+                used_by,
+                served_by: e.served_by.clone(),
+                signatures: e
+                    .signatures
+                    .iter()
+                    .map(|(d, fps)| (d.clone(), fps.iter().cloned().collect()))
+                    .collect(),
+                access: e.access.clone(),
+            }
+        })
+        .collect();
+    CacheView {
+        cache_dir: cache_dir.to_owned(),
+        total_bytes: index.modules.values().map(|e| e.size).sum(),
+        budget_bytes,
+        modules,
+        failures: failures
             .iter()
-            .map(|(sha, e)| {
-                let urls: Vec<String> = e.urls.iter().map(|u| redact(u)).collect();
-                let mut used_by = users.get(sha.as_str()).cloned().unwrap_or_default();
-                used_by.sort();
-                ModuleView {
-                    sha256: sha.clone(),
-                    path: self.store.module_path(sha),
-                    last_error: urls.iter().find_map(|u| st.failures.get(u)).cloned(),
-                    urls,
-                    oci_digests: e.oci_digests.iter().cloned().collect(),
-                    size: e.size,
-                    fetched_at: e.fetched_at,
-                    last_used: e.last_used,
-                    used_by,
-                    served_by: e.served_by.clone(),
-                    signatures: e
-                        .signatures
-                        .iter()
-                        .map(|(d, fps)| (d.clone(), fps.iter().cloned().collect()))
-                        .collect(),
-                    access: e.access.clone(),
-                }
-            })
-            .collect();
-        CacheView {
-            cache_dir: self.cfg.dir.clone(),
-            total_bytes: st.total_bytes(),
-            budget_bytes: self.cfg.max_cache_bytes,
-            modules,
-            failures: st
-                .failures
-                .iter()
-                .map(|(u, f)| (u.clone(), f.clone()))
-                .collect(),
-        }
+            .map(|(u, f)| (u.clone(), f.clone()))
+            .collect(),
     }
 }

@@ -1,24 +1,31 @@
-//! The fetch pipeline, streaming end to end: HTTP body or OCI layer → temp file (hashed on the
-//! way) → unboxed file → checksum → streaming validation → renamed into `modules/`. Memory does
-//! not grow with the module. For OCI the manifest comes first, and a module already cached
-//! under its digest is reused without pulling the layer.
+//! Fetchers: a module URL in, a new module out (a temp file plus what the pull showed), with
+//! nothing of the cache's state touched. HTTP body or OCI layer → temp file (hashed on the way)
+//! → unboxed file → checksum; memory does not grow with the module. For OCI the manifest comes
+//! first, its signatures are checked under the policy, and the cache is asked (through
+//! [`Known`]) whether that manifest's module is already there before the layer is pulled.
+//!
+//! Owns: the HTTP and OCI clients, credential lookup (pull secrets, `--docker-config`,
+//! credential helpers), mirrors, the signature check at the registry, and the proof that some
+//! credentials may pull a repository. Must not touch: the index, pins, leases or anything else
+//! of `cache` — those are the cache's alone; the only file it writes is its own temp file.
 
 use metrics::counter;
 use oci_client::secrets::RegistryAuth;
 use tokio::time::Instant;
 
 use super::admission::Access;
-use super::cache::{io_err, Cache};
-use super::error::FetchError;
-use super::index::{digest_match, find_by_checksum};
+use super::credhelper::CredHelpers;
+use super::error::{io_err, FetchError};
+use super::http::HttpFetcher;
+use super::index::digest_match;
 use super::mirrors::Source;
-use super::oci::Resolved;
-use super::options::{Matched, Module};
+use super::oci::{OciFetcher, Resolved};
+use super::options::{CacheConfig, Matched, Module};
+use super::secret;
 use super::signature::{key_fingerprint, verify_bundle, verify_payload, Action, VerifyPolicy};
-use super::store::{now_secs, sha256_file, ModuleEntry, TempFile};
+use super::store::{sha256_file, Store, TempFile};
 use super::unbox::{self, Boxing};
 use super::url::OciRef;
-use super::{secret, verify};
 use crate::admin::metrics as m;
 
 /// What a fetch produced: a module already in the cache (OCI digest known), or new bytes.
@@ -38,6 +45,20 @@ pub(super) struct Provenance {
     pub cred: String,
 }
 
+/// The cache's answer to "is the module of this OCI manifest (digest, index digest) already
+/// here, satisfying the expected checksum?" — lookup #2, without pulling the layer.
+pub(super) type Known<'a> = &'a (dyn Fn(&Resolved, Option<&str>) -> Option<Module> + Send + Sync);
+
+/// The fetchers and what they need to reach registries and servers.
+pub(super) struct Fetcher {
+    cfg: CacheConfig,
+    /// For temp files only.
+    store: Store,
+    http: HttpFetcher,
+    oci: OciFetcher,
+    helpers: CredHelpers,
+}
+
 /// A module just pulled, unboxed into a temp file, not validated or stored yet.
 pub(super) struct NewModule {
     pub file: TempFile,
@@ -48,7 +69,23 @@ pub(super) struct NewModule {
     pub served_by: String,
 }
 
-impl Cache {
+impl Fetcher {
+    pub(super) fn new(cfg: CacheConfig, store: Store) -> Result<Self, String> {
+        let http = HttpFetcher::new(cfg.tls.clone(), cfg.http.clone())?;
+        let oci = OciFetcher::new(
+            cfg.tls.clone(),
+            cfg.max_module_bytes,
+            cfg.http.blocked.clone(),
+        )?;
+        Ok(Self {
+            cfg,
+            store,
+            http,
+            oci,
+            helpers: Default::default(),
+        })
+    }
+
     pub(super) async fn fetch_http(
         &self,
         u: &reqwest::Url,
@@ -148,6 +185,7 @@ impl Cache {
         expected: Option<&str>,
         secret: Option<&[u8]>,
         deadline: Instant,
+        known: Known<'_>,
     ) -> Result<(Fetched, Provenance), FetchError> {
         let sources = self.cfg.registries.sources(r);
         let mut pinned = r.digest.clone();
@@ -177,7 +215,7 @@ impl Cache {
                 at.reference.tag = None;
             }
             match self
-                .fetch_oci_from(r, &at, shown, expected, secret, deadline)
+                .fetch_oci_from(r, &at, shown, expected, secret, deadline, known)
                 .await
             {
                 Err(e) if !last => {
@@ -194,6 +232,7 @@ impl Cache {
     }
 
     /// Pulls `r` from one source `src` (the policy still matches `r`'s own name).
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_oci_from(
         &self,
         r: &OciRef,
@@ -202,6 +241,7 @@ impl Cache {
         expected: Option<&str>,
         secret: Option<&[u8]>,
         deadline: Instant,
+        known: Known<'_>,
     ) -> Result<(Fetched, Provenance), FetchError> {
         let total = deadline.saturating_duration_since(Instant::now());
         let timeout = |stage| FetchError::Timeout {
@@ -239,7 +279,7 @@ impl Cache {
         // Lookup #2: this manifest's module may already be here (no layer pull). The manifest
         // was just fetched with this request's credentials and its signatures checked: the
         // gate's questions are answered.
-        if let Some(module) = self.cached_by_manifest(&resolved, expected).await {
+        if let Some(module) = known(&resolved, expected) {
             counter!(m::CACHE_LOOKUP_COUNT, "hit" => "true").increment(1);
             return Ok((Fetched::Cached(module), provenance));
         }
@@ -371,105 +411,33 @@ impl Cache {
         )))
     }
 
-    /// The cached module whose OCI digest is `resolved`'s, if it satisfies `expected`.
-    async fn cached_by_manifest(
+    /// Proves that `auth` may pull `r` (one manifest `HEAD`, see `OciFetcher::prove`).
+    pub(super) async fn prove(
         &self,
-        resolved: &Resolved,
-        expected: Option<&str>,
-    ) -> Option<Module> {
-        let (sha, _) = find_by_checksum(
-            &self.lock().index,
-            resolved.digest.trim_start_matches("sha256:"),
-        )?;
-        let matched = match expected {
-            None => None,
-            Some(e) if e == sha => Some(Matched::ModuleSha256),
-            Some(e) => Some(digest_match(
-                &resolved.digest,
-                resolved.index_digest.as_deref(),
-                e,
-            )?),
-        };
-        let mut module = self.cached(&sha, matched).await?.module;
-        module.oci_digest = Some(resolved.digest.clone());
-        Some(module)
-    }
-
-    /// Validates and writes a new module, then indexes it.
-    pub(super) async fn store_module(
-        &self,
-        url: &str,
+        r: &OciRef,
+        auth: &RegistryAuth,
         shown: &str,
-        new: NewModule,
-    ) -> Result<Module, FetchError> {
-        let NewModule {
-            file,
-            sha,
-            digests,
-            matched,
-            served_by,
-        } = new;
-        let max = self.cfg.max_module_bytes;
-        let size = file
-            .file
-            .metadata()
-            .map_err(|e| io_err(shown, format!("cannot stat the module: {e}")))?
-            .len();
-        if size > max {
-            return Err(FetchError::TooLarge {
-                url: shown.to_owned(),
-                limit: max,
-                what: format!("module is {size} bytes"),
-            });
-        }
-        let store = self.store.clone();
-        let sha2 = sha.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            verify::validate_file(&file.path).map_err(|r| (true, r))?;
-            store.persist_module(file, &sha2).map_err(|r| (false, r))
-        })
-        .await
-        .map_err(|e| io_err(shown, e.to_string()))?;
-        let path = written.map_err(|(invalid, reason)| {
-            if invalid {
-                FetchError::Invalid {
-                    url: shown.to_owned(),
-                    reason,
-                }
-            } else {
-                io_err(shown, reason)
-            }
-        })?;
-        let now = now_secs();
-        {
-            let mut st = self.lock();
-            let entry = st
-                .index
-                .modules
-                .entry(sha.clone())
-                .or_insert_with(|| ModuleEntry {
-                    size,
-                    fetched_at: now,
-                    ..Default::default()
-                });
-            entry.last_used = now;
-            entry.urls.insert(super::error::redact(url));
-            entry.oci_digests.extend(digests.iter().cloned());
-            entry.served_by = Some(served_by.clone());
-            st.changed();
-        }
-        counter!(m::FETCHES_SERVED, "host" => m::bounded_label(m::FETCHES_SERVED, &served_by))
-            .increment(1);
-        self.enforce_budget(&sha).await;
-        self.publish_gauges();
-        Ok(Module {
-            path,
-            sha256: sha,
-            oci_digest: digests.into_iter().next(),
-            size,
-            matched,
-            fetched: true,
-            served_by: Some(served_by),
-        })
+    ) -> Result<(), FetchError> {
+        let insecure = self
+            .cfg
+            .registries
+            .sources(r)
+            .last()
+            .is_some_and(|s| s.insecure);
+        self.oci.prove(shown, r, auth, insecure).await
+    }
+}
+
+/// Which expected checksum the cached module `sha` of an OCI manifest satisfies (`Some(None)`:
+/// nothing was expected; `None`: it does not satisfy `expected`).
+pub(super) fn manifest_match(
+    sha: &str,
+    resolved: &Resolved,
+    expected: Option<&str>,
+) -> Option<Option<Matched>> {
+    match expected {
+        None => Some(None),
+        Some(e) if e == sha => Some(Some(Matched::ModuleSha256)),
+        Some(e) => digest_match(&resolved.digest, resolved.index_digest.as_deref(), e).map(Some),
     }
 }

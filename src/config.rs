@@ -121,6 +121,14 @@ pub struct RunArgs {
     #[arg(long, env = "ECDS_AGENT_UPSTREAM_SNI", value_name = "NAME")]
     pub upstream_sni: Option<String>,
 
+    /// A bearer token file (e.g. the projected service-account token
+    /// /var/run/secrets/tokens/istio-token), read again for every new upstream stream and sent
+    /// as `authorization: Bearer …`, so a rotated token is used without a restart (replaces an
+    /// `XDS_HEADER_authorization` given at start).
+    #[arg(long, env = "ECDS_AGENT_UPSTREAM_TOKEN_FILE", value_parser = existing_file,
+          value_name = "FILE")]
+    pub upstream_token_file: Option<PathBuf>,
+
     /// Admin HTTP server: /healthz/ready, /stats/prometheus, /stats, /debug/wasm.
     #[arg(
         long,
@@ -150,6 +158,13 @@ pub struct RunArgs {
     #[arg(long, env = "ECDS_AGENT_RETRY_MAX_BACKOFF", default_value = "60s", value_parser = parse_duration,
           value_name = "DURATION")]
     pub retry_max_backoff: Duration,
+
+    /// How often a module that failed for a reason retrying cannot fix (signature policy,
+    /// checksum mismatch, invalid Wasm, too large, refused credentials) is checked again in the
+    /// background (±20 % jitter); transient failures back off up to --retry-max-backoff.
+    #[arg(long, env = "ECDS_AGENT_PERMANENT_RECHECK_INTERVAL", default_value = "5m",
+          value_parser = parse_positive_duration, value_name = "DURATION")]
+    pub permanent_recheck_interval: Duration,
 
     /// Largest gRPC message accepted from Envoy (bytes); a larger one ends that stream with
     /// RESOURCE_EXHAUSTED.
@@ -289,6 +304,7 @@ impl RunArgs {
             max_response_bytes: self.max_response_bytes,
             response_stall_timeout: self.response_stall_timeout,
             max_streams: self.max_streams as usize,
+            token_file: self.upstream_token_file.clone(),
         }
     }
 
@@ -297,6 +313,14 @@ impl RunArgs {
         crate::admin::AdminConfig {
             debug_cidrs: crate::wasm::guard::Blocklist::parse_extra(&self.admin_debug_cidrs)
                 .unwrap_or_default(),
+        }
+    }
+
+    /// How failed modules are retried in the background.
+    pub fn retry_policy(&self) -> crate::ecds::RetryPolicy {
+        crate::ecds::RetryPolicy {
+            max_backoff: self.retry_max_backoff,
+            permanent_recheck: self.permanent_recheck_interval,
         }
     }
 

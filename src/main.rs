@@ -168,7 +168,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
         let conv = Arc::new(Converter::new(
             cache.clone(),
             args.failure_mode(),
-            args.retry_max_backoff,
+            args.retry_policy(),
         ));
         (Some(cache), Some(conv))
     } else {

@@ -9,7 +9,11 @@ fn root() -> &'static Path {
 
 #[test]
 fn deploy_files_are_valid_yaml_with_health_probes() {
-    for name in ["deploy/sidecar.yaml", "deploy/istio-chained.yaml"] {
+    for name in [
+        "deploy/sidecar.yaml",
+        "deploy/istio-chained.yaml",
+        "deploy/istiod-direct.yaml",
+    ] {
         let text = std::fs::read_to_string(root().join(name)).unwrap();
         let mut docs = 0;
         for doc in serde_yaml::Deserializer::from_str(&text) {
@@ -40,7 +44,10 @@ fn linked_files_exist() {
                 "Containerfile",
             ],
         ),
-        ("docs/istio.md", vec!["deploy/istio-chained.yaml"]),
+        (
+            "docs/istio.md",
+            vec!["deploy/istio-chained.yaml", "deploy/istiod-direct.yaml"],
+        ),
     ] {
         let text = std::fs::read_to_string(root().join(doc)).unwrap();
         for l in links {

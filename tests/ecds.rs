@@ -107,7 +107,8 @@ async fn http_and_oci_remote_become_verified_local_files_and_secrets_are_strippe
                 (SECRET_ENV, &secret),
                 (POLICY_ENV, "IfNotPresent"),
                 (VERSION_ENV, "7"),
-                ("ISTIO_META_OTHER", "stays"),
+                ("ISTIO_META_USER_VAR", "goes, as in Istio"),
+                ("OTHER", "stays"),
             ]),
             ..Default::default()
         },
@@ -139,11 +140,9 @@ async fn http_and_oci_remote_become_verified_local_files_and_secrets_are_strippe
         vm_env(&got.resources[0]).unwrap(),
         [("USER_VAR".to_string(), "keep".to_string())].into()
     );
+    // Every ISTIO_META_* key is stripped (Istio's pkg/wasm/convert.go), other keys stay.
     let e1 = vm_env(&got.resources[1]).unwrap();
-    assert_eq!(
-        e1,
-        [("ISTIO_META_OTHER".to_string(), "stays".to_string())].into()
-    );
+    assert_eq!(e1, [("OTHER".to_string(), "stays".to_string())].into());
     assert!(
         !format!("{:?}", got.resources[1]).contains(PASS),
         "pull secret never reaches Envoy"
@@ -644,8 +643,18 @@ async fn registry_down_then_up_heals_without_a_new_push_sotw() {
         sha256_hex(&w)
     );
     envoy.send(ack(&["heal"], "v1", &healed.nonce));
-    // The control plane never saw anything for this: no push, no ACK of a nonce it did not send.
-    assert!(up.try_recv(Duration::from_millis(1000)).await.is_none());
+    // Envoy runs what the agent NACKed: the control plane hears an ACK of n1 (istiod clears
+    // the rejection), and never an agent nonce.
+    let acked = up.recv().await;
+    assert_eq!(
+        (
+            acked.response_nonce.as_str(),
+            acked.version_info.as_str(),
+            acked.error_detail.is_none()
+        ),
+        ("n1", "v1", true)
+    );
+    assert!(up.try_recv(Duration::from_millis(500)).await.is_none());
     assert_eq!(
         agent.metric("ecds_agent_wasm_heal_deliveries", "").await,
         1.0
@@ -727,10 +736,11 @@ async fn registry_down_then_up_heals_without_a_new_push_delta() {
         response_nonce: healed.nonce.clone(),
         ..Default::default()
     });
-    assert!(
-        up.try_recv(Duration::from_millis(800)).await.is_none(),
-        "agent nonces never go upstream"
-    );
+    // The ACK of the healing delivery is the ACK of d1; agent nonces never go upstream.
+    let acked = up.recv().await;
+    assert_eq!(acked.response_nonce, "d1");
+    assert!(acked.error_detail.is_none());
+    assert!(up.try_recv(Duration::from_millis(500)).await.is_none());
 }
 
 #[tokio::test]

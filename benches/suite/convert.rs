@@ -87,7 +87,14 @@ pub async fn run(mode: Mode) -> Vec<Sample> {
             },
         ));
     }
-    let conv = Converter::new(c.clone(), FailureMode::StandIn, Duration::from_secs(60));
+    let conv = Converter::new(
+        c.clone(),
+        FailureMode::StandIn,
+        ecds_agent::ecds::RetryPolicy {
+            max_backoff: Duration::from_secs(60),
+            permanent_recheck: Duration::from_secs(300),
+        },
+    );
     let iters = match mode {
         Mode::Full => 20_000,
         Mode::Smoke => 20,

@@ -60,6 +60,27 @@ pub struct HealJob {
     pub url: String,
     filter: WasmFilter,
     opts: GetOptions,
+    /// The last failure could only be fixed at the registry or in the policy.
+    permanent: bool,
+}
+
+/// How failed modules are retried in the background.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Transient failures: 1 s doubling up to this.
+    pub max_backoff: Duration,
+    /// Permanent failures: checked again this often.
+    pub permanent_recheck: Duration,
+}
+
+/// The pause before the next background attempt, before jitter: a permanent failure waits
+/// for the recheck interval, a transient one backs off (`delay`, doubling to the cap).
+pub fn next_pause(policy: &RetryPolicy, permanent: bool, delay: Duration) -> Duration {
+    if permanent {
+        policy.permanent_recheck
+    } else {
+        delay.min(policy.max_backoff)
+    }
 }
 
 /// What became of one resource.
@@ -112,7 +133,7 @@ pub enum FailureMode {
 pub struct Converter {
     cache: Arc<Cache>,
     mode: FailureMode,
-    max_backoff: Duration,
+    retry: RetryPolicy,
 }
 
 fn wrap(name: &str, typed_config: Any) -> Any {
@@ -162,11 +183,14 @@ fn fetch_timeout(d: Option<envoy_types::pb::google::protobuf::Duration>) -> Dura
 }
 
 impl Converter {
-    pub fn new(cache: Arc<Cache>, mode: FailureMode, max_backoff: Duration) -> Self {
+    pub fn new(cache: Arc<Cache>, mode: FailureMode, retry: RetryPolicy) -> Self {
         Self {
             cache,
             mode,
-            max_backoff: max_backoff.max(HEAL_INITIAL),
+            retry: RetryPolicy {
+                max_backoff: retry.max_backoff.max(HEAL_INITIAL),
+                permanent_recheck: retry.permanent_recheck,
+            },
         }
     }
 
@@ -280,6 +304,7 @@ impl Converter {
                         url: url.clone(),
                         filter: filter.clone(),
                         opts,
+                        permanent: e.is_permanent(),
                     })
                 });
                 fail(
@@ -292,13 +317,18 @@ impl Converter {
         }
     }
 
-    /// Fetches the module of `job` until it arrives (exponential backoff with jitter, capped),
-    /// then returns the converted resource. Cancel by dropping the future.
+    /// Fetches the module of `job` until it arrives, then returns the converted resource:
+    /// transient failures back off (1 s doubling to the cap), permanent ones are checked again
+    /// at the recheck interval, both with ±20 % jitter ([`next_pause`]). Cancel by dropping
+    /// the future (a newer push, a removal, Envoy unsubscribing, the stream ending).
     pub async fn heal(&self, job: &HealJob) -> (Any, Module) {
         let mut delay = HEAL_INITIAL;
+        let mut permanent = job.permanent;
         loop {
-            let pause = delay.mul_f64(rand::rng().random_range(0.8..1.2));
-            self.cache.note_retry(&job.url, pause);
+            let pause = next_pause(&self.retry, permanent, delay)
+                .mul_f64(rand::rng().random_range(0.8..1.2));
+            self.cache
+                .note_retry(&job.url, job.opts.sha256.as_deref(), pause);
             tokio::time::sleep(pause).await;
             counter!(m::HEAL_ATTEMPTS).increment(1);
             match self.cache.get(&job.url, job.opts.clone()).await {
@@ -308,10 +338,14 @@ impl Converter {
                     return (rewrite(&job.filter, &job.name, &module), module);
                 }
                 Err(e) => {
-                    tracing::info!(resource = %job.name, error = %e, "background retry failed")
+                    permanent = e.is_permanent();
+                    tracing::info!(resource = %job.name, error = %e, permanent,
+                        "background retry failed")
                 }
             }
-            delay = (delay * 2).min(self.max_backoff);
+            if !permanent {
+                delay = (delay * 2).min(self.retry.max_backoff);
+            }
         }
     }
 }
@@ -320,6 +354,22 @@ impl Converter {
 mod tests {
     use super::*;
     use envoy_types::pb::google::protobuf::Duration as PbDuration;
+
+    #[test]
+    fn retry_pauses() {
+        let p = RetryPolicy {
+            max_backoff: Duration::from_secs(60),
+            permanent_recheck: Duration::from_secs(300),
+        };
+        let s = Duration::from_secs;
+        assert_eq!(next_pause(&p, false, s(1)), s(1));
+        assert_eq!(next_pause(&p, false, s(128)), s(60), "capped");
+        assert_eq!(
+            next_pause(&p, true, s(1)),
+            s(300),
+            "permanent: the recheck interval"
+        );
+    }
 
     #[test]
     fn fetch_timeouts_are_clamped() {

@@ -1,6 +1,7 @@
 //! The fetch hints istiod passes in the Wasm VM's environment (`ISTIO_META_WASM_*`), read and
-//! then removed so they never reach Envoy (the pull secret above all). Other user variables,
-//! including other `ISTIO_META_*` ones, stay (Istio strips every `ISTIO_META_*`; we do not).
+//! then removed so they never reach Envoy (the pull secret above all). As Istio's agent does
+//! (`pkg/wasm/convert.go`), **every** `ISTIO_META_*` key is removed from `key_values`; other
+//! user variables stay.
 
 use envoy_types::pb::envoy::extensions::wasm::v3::VmConfig;
 
@@ -9,6 +10,9 @@ use crate::wasm::PullPolicy;
 pub const PULL_SECRET: &str = "ISTIO_META_WASM_IMAGE_PULL_SECRET";
 pub const PULL_POLICY: &str = "ISTIO_META_WASM_IMAGE_PULL_POLICY";
 pub const RESOURCE_VERSION: &str = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION";
+
+/// The prefix of the keys Istio's agent strips from a Wasm VM's environment.
+pub const ISTIO_META_PREFIX: &str = "ISTIO_META_";
 
 /// What the environment told the agent about fetching.
 #[derive(Default, Clone)]
@@ -38,8 +42,8 @@ impl std::fmt::Debug for FetchHints {
     }
 }
 
-/// Removes the three hint variables from `vm` and returns them. Drops the environment block
-/// when nothing is left in it.
+/// Removes the three hint variables (and every other `ISTIO_META_*` key) from `vm` and returns
+/// the hints. Drops the environment block when nothing is left in it.
 pub fn take_hints(vm: &mut VmConfig) -> FetchHints {
     let Some(env) = vm.environment_variables.as_mut() else {
         return FetchHints::default();
@@ -53,6 +57,8 @@ pub fn take_hints(vm: &mut VmConfig) -> FetchHints {
             .unwrap_or_default(),
         resource_version: env.key_values.remove(RESOURCE_VERSION).unwrap_or_default(),
     };
+    env.key_values
+        .retain(|k, _| !k.starts_with(ISTIO_META_PREFIX));
     if env.key_values.is_empty() && env.host_env_keys.is_empty() {
         vm.environment_variables = None;
     }

@@ -16,4 +16,4 @@ pub mod standin;
 pub mod typed_struct;
 pub mod wasm_filter;
 
-pub use convert::{ConversionResult, Converter, FailureMode, HealJob, Outcome};
+pub use convert::{ConversionResult, Converter, FailureMode, HealJob, Outcome, RetryPolicy};

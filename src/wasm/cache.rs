@@ -73,6 +73,9 @@ struct State {
     /// Modules handed out by `get` and not pinned yet, until when: published with the pins, so
     /// that no other process purges a module between the hit and its pin.
     holds: HashMap<String, Instant>,
+    /// What OCI manifests (by digest) gave that was not stored: a module with another sha256
+    /// than expected, or a refusal. A retry of an unchanged image checks the manifest only.
+    digests: HashMap<String, Gave>,
     /// Changes made to `index` so far, and how many of them are on disk: saves are group
     /// commits, so whoever waited behind a save that took its change along returns at once.
     edits: u64,
@@ -107,6 +110,18 @@ impl State {
         self.index.modules.values().map(|e| e.size).sum()
     }
 }
+
+/// What a manifest digest gave, when it was not stored.
+#[derive(Clone)]
+enum Gave {
+    /// A module with this sha256 (it did not match what was expected).
+    Module(String),
+    /// Refused (invalid Wasm, too large).
+    Refused(FetchError),
+}
+
+/// Manifest digests remembered at most.
+const MAX_DIGESTS: usize = 1024;
 
 /// Failures remembered for the admin pages and `/stats`.
 pub const MAX_FAILURES: usize = 256;
@@ -285,13 +300,13 @@ impl Cache {
     /// goes through the same gate: the signature policy in force ([`admission::admit`]) and
     /// the requester's right to pull a private module ([`admission::authorize`]).
     pub async fn get(self: &Arc<Self>, url: &str, opts: GetOptions) -> Result<Module, FetchError> {
-        let (key, result) = match ModuleUrl::parse(url) {
+        let key = failure_key(url, opts.sha256.as_deref());
+        let result = match ModuleUrl::parse(url) {
             Ok(parsed) => {
                 let canonical = parsed.canonical();
-                let r = self.get_canonical(&canonical, parsed, &opts).await;
-                (redact(&canonical), r)
+                self.get_canonical(&canonical, parsed, &opts).await
             }
-            Err(e) => (redact(url), Err(e)),
+            Err(e) => Err(e),
         };
         let result = result.map_err(FetchError::bounded);
         self.note_outcome(key, &result, &opts);
@@ -357,17 +372,37 @@ impl Cache {
         result
     }
 
-    /// The admin pages' record of how the last `get` of `key` ended (bounded in count).
-    fn note_outcome(&self, key: String, result: &Result<Module, FetchError>, opts: &GetOptions) {
+    /// The admin pages' record of how the last `get` of `key` ended (bounded in count). A
+    /// resource's failure is forgotten when it gets a module, or fails on something else.
+    fn note_outcome(
+        &self,
+        key: FailureKey,
+        result: &Result<Module, FetchError>,
+        opts: &GetOptions,
+    ) {
         let mut st = self.lock();
+        let name = opts.resource_name.as_str();
+        if !name.is_empty() {
+            let id = key.id();
+            let others: Vec<String> = st
+                .failures
+                .iter()
+                .filter(|(k, f)| **k != id && f.resources.iter().any(|r| r == name))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in others {
+                forget_in(&mut st.failures, &k, name);
+            }
+        }
         let e = match result {
             Ok(_) => {
-                st.failures.remove(&key);
+                st.failures.remove(&key.id());
                 return;
             }
             Err(e) => e,
         };
-        if !st.failures.contains_key(&key) && st.failures.len() >= MAX_FAILURES {
+        let id = key.id();
+        if !st.failures.contains_key(&id) && st.failures.len() >= MAX_FAILURES {
             if let Some(oldest) = st
                 .failures
                 .iter()
@@ -377,7 +412,9 @@ impl Cache {
                 st.failures.remove(&oldest);
             }
         }
-        let entry = st.failures.entry(key).or_insert_with(|| FailureInfo {
+        let entry = st.failures.entry(id).or_insert_with(|| FailureInfo {
+            url: key.url.clone(),
+            sha256: key.sha256.clone(),
             error: String::new(),
             at: 0,
             next_retry: None,
@@ -385,11 +422,26 @@ impl Cache {
         });
         entry.error = e.to_string();
         entry.at = now_secs();
-        if !opts.resource_name.is_empty()
-            && !entry.resources.contains(&opts.resource_name)
+        if !name.is_empty()
+            && !entry.resources.iter().any(|r| r == name)
             && entry.resources.len() < 16
         {
-            entry.resources.push(opts.resource_name.clone());
+            entry.resources.push(name.to_owned());
+        }
+    }
+
+    /// Resource `name` no longer asks for anything that failed (it was removed, Envoy
+    /// unsubscribed, or it switched to local code): its failures are forgotten.
+    pub fn forget_resource(&self, name: &str) {
+        let mut st = self.lock();
+        let keys: Vec<String> = st
+            .failures
+            .iter()
+            .filter(|(_, f)| f.resources.iter().any(|r| r == name))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            forget_in(&mut st.failures, &k, name);
         }
     }
 
@@ -723,18 +775,37 @@ impl Cache {
             ),
             ModuleUrl::Oci(r) => {
                 let known = |resolved: &Resolved, expected: Option<&str>| {
-                    self.cached_by_manifest(resolved, expected)
+                    self.cached_by_manifest(resolved, expected, &shown)
                 };
-                let (f, p) = self
+                let pulled = self
                     .fetcher
                     .fetch_oci(r, &shown, expected, secret.as_deref(), deadline, &known)
-                    .await?;
+                    .await;
+                if let Err(FetchError::Checksum {
+                    got,
+                    digest: Some(d),
+                    ..
+                }) = &pulled
+                {
+                    self.remember_digest(d, Gave::Module(got.clone()));
+                }
+                let (f, p) = pulled?;
                 (f, Some(p))
             }
         };
         let module = match fetched {
             Fetched::Cached(module) => module,
-            Fetched::New(new) => self.store_module(url, &shown, new).await?,
+            Fetched::New(new) => {
+                let digests = new.digests.clone();
+                let stored = self.store_module(url, &shown, new).await;
+                if let Err(e @ (FetchError::Invalid { .. } | FetchError::TooLarge { .. })) = &stored
+                {
+                    for d in &digests {
+                        self.remember_digest(d, Gave::Refused(e.clone()));
+                    }
+                }
+                stored?
+            }
         };
         // What this download showed: the signature that admitted it, whether the repository
         // wanted credentials, and that these credentials may pull it.
@@ -838,23 +909,59 @@ impl Cache {
     /// The cached module whose OCI digest is `resolved`'s, if it satisfies `expected` (lookup
     /// #2, asked by the fetcher before it pulls a layer; the manifest was just fetched with the
     /// request's credentials and its signatures checked, so the gate's questions are answered).
-    fn cached_by_manifest(&self, resolved: &Resolved, expected: Option<&str>) -> Option<Module> {
-        let (sha, _) = find_by_checksum(
-            &self.lock().index,
-            resolved.digest.trim_start_matches("sha256:"),
-        )?;
-        let matched = manifest_match(&sha, resolved, expected)?;
-        let path = self.store.module_path(&sha);
-        let size = std::fs::metadata(&path).ok()?.len();
-        Some(Module {
-            path,
-            sha256: sha,
-            oci_digest: Some(resolved.digest.clone()),
-            size,
-            matched,
-            fetched: false,
-            served_by: None,
-        })
+    /// A manifest that gave a module with another sha256, or one refused as invalid or too
+    /// large, gives the same answer again without the layer being pulled.
+    fn cached_by_manifest(
+        &self,
+        resolved: &Resolved,
+        expected: Option<&str>,
+        shown: &str,
+    ) -> Option<Result<Module, FetchError>> {
+        let (found, gave) = {
+            let st = self.lock();
+            let hex = resolved.digest.trim_start_matches("sha256:");
+            (
+                find_by_checksum(&st.index, hex).map(|(sha, _)| sha),
+                st.digests.get(&resolved.digest).cloned(),
+            )
+        };
+        if let Some(sha) = found {
+            let matched = manifest_match(&sha, resolved, expected)?;
+            let path = self.store.module_path(&sha);
+            let size = std::fs::metadata(&path).ok()?.len();
+            return Some(Ok(Module {
+                path,
+                sha256: sha,
+                oci_digest: Some(resolved.digest.clone()),
+                size,
+                matched,
+                fetched: false,
+                served_by: None,
+            }));
+        }
+        match gave? {
+            Gave::Module(sha) => match (manifest_match(&sha, resolved, expected), expected) {
+                (None, Some(want)) => Some(Err(FetchError::Checksum {
+                    url: shown.to_owned(),
+                    want: want.to_owned(),
+                    got: sha,
+                    digest: Some(resolved.digest.clone()),
+                })),
+                _ => None,
+            },
+            Gave::Refused(e) => Some(Err(e.with_url(shown))),
+        }
+    }
+
+    /// Remembers what manifest `digest` gave, for the next pull of the same manifest.
+    fn remember_digest(&self, digest: &str, gave: Gave) {
+        let mut st = self.lock();
+        if !st.digests.contains_key(digest) && st.digests.len() >= MAX_DIGESTS {
+            if let Some(k) = st.digests.keys().next().cloned() {
+                st.digests.remove(&k);
+            }
+        }
+        st.digests.insert(digest.to_owned(), gave);
     }
 
     // ---- retention: pins, holds, purge, budget (the policy itself is `retention`) ----
@@ -1001,11 +1108,9 @@ impl Cache {
 
     // ---- the admin view ----
 
-    /// Notes when the next background retry for a URL will run (debug page).
-    pub fn note_retry(&self, url: &str, next_retry_in: Duration) {
-        let key = ModuleUrl::parse(url)
-            .map(|u| redact(&u.canonical()))
-            .unwrap_or_else(|_| redact(url));
+    /// Notes when the next background retry for a URL (with its expected sha256) will run.
+    pub fn note_retry(&self, url: &str, sha256: Option<&str>, next_retry_in: Duration) {
+        let key = failure_key(url, sha256).id();
         let mut st = self.lock();
         if let Some(f) = st.failures.get_mut(&key) {
             f.next_retry = Some(now_secs() + next_retry_in.as_secs());
@@ -1023,6 +1128,40 @@ impl Cache {
             &self.cfg.dir,
             self.cfg.max_cache_bytes,
         )
+    }
+}
+
+/// What a failure is remembered under: the canonical, redacted URL and the expected sha256.
+struct FailureKey {
+    url: String,
+    sha256: Option<String>,
+}
+
+impl FailureKey {
+    fn id(&self) -> String {
+        match &self.sha256 {
+            Some(s) => format!("{} sha256:{s}", self.url),
+            None => self.url.clone(),
+        }
+    }
+}
+
+fn failure_key(url: &str, sha256: Option<&str>) -> FailureKey {
+    FailureKey {
+        url: ModuleUrl::parse(url)
+            .map(|u| redact(&u.canonical()))
+            .unwrap_or_else(|_| redact(url)),
+        sha256: sha256.and_then(super::index::normalize_sha),
+    }
+}
+
+/// Drops resource `name` from failure `key`, and the failure once no resource is left.
+fn forget_in(failures: &mut HashMap<String, FailureInfo>, key: &str, name: &str) {
+    if let Some(f) = failures.get_mut(key) {
+        f.resources.retain(|r| r != name);
+        if f.resources.is_empty() {
+            failures.remove(key);
+        }
     }
 }
 

@@ -87,6 +87,27 @@ pub fn clip(s: &str, max: usize) -> String {
 }
 
 impl FetchError {
+    /// The same error about `url` (a remembered answer given to another request).
+    pub fn with_url(self, url: &str) -> Self {
+        let mut e = self;
+        match &mut e {
+            FetchError::BadUrl { url: u, .. }
+            | FetchError::Download { url: u, .. }
+            | FetchError::Timeout { url: u, .. }
+            | FetchError::Manifest { url: u, .. }
+            | FetchError::Auth { url: u, .. }
+            | FetchError::Layout { url: u, .. }
+            | FetchError::Blob { url: u, .. }
+            | FetchError::Signature { url: u, .. }
+            | FetchError::Checksum { url: u, .. }
+            | FetchError::Invalid { url: u, .. }
+            | FetchError::TooLarge { url: u, .. }
+            | FetchError::Secret { url: u, .. }
+            | FetchError::Io { url: u, .. } => *u = url.to_owned(),
+        }
+        e
+    }
+
     /// The same error with every free-text field clipped to [`MAX_REASON_BYTES`]: what a
     /// hostile peer can make an error say is stored and logged at a bounded size.
     pub fn bounded(self) -> Self {
@@ -198,10 +219,28 @@ impl FetchError {
         }
     }
 
-    /// Whether retrying later can help (a wrong URL or a checksum mismatch will not fix itself
-    /// unless someone changes the registry, so those are retried too, but more slowly).
+    /// Whether a background retry is worth it at all: not for a bad URL or an unusable pull
+    /// secret, which only a new push fixes.
     pub fn is_transient(&self) -> bool {
         !matches!(self, FetchError::BadUrl { .. } | FetchError::Secret { .. })
+    }
+
+    /// Whether retrying soon cannot help: only a change at the registry or in the policy can
+    /// fix it (signature policy, checksum mismatch, invalid Wasm, too large, a layout without a
+    /// module, refused credentials). Such failures are checked again rarely; the others
+    /// (unreachable, timed out, not found yet, cut off) back off and retry.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            FetchError::BadUrl { .. }
+                | FetchError::Secret { .. }
+                | FetchError::Signature { .. }
+                | FetchError::Checksum { .. }
+                | FetchError::Invalid { .. }
+                | FetchError::TooLarge { .. }
+                | FetchError::Layout { .. }
+                | FetchError::Auth { .. }
+        )
     }
 }
 
@@ -242,6 +281,131 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{clip, redact, FetchError, MAX_REASON_BYTES};
+
+    /// What a failure costs afterwards, as a table: never retried (a new push fixes it),
+    /// rechecked rarely (only the registry or the policy can fix it), or retried with backoff.
+    #[test]
+    fn failure_classes() {
+        let u = || "u".to_string();
+        let r = || "r".to_string();
+        for (e, transient, permanent) in [
+            (
+                FetchError::BadUrl {
+                    url: u(),
+                    reason: r(),
+                },
+                false,
+                true,
+            ),
+            (
+                FetchError::Secret {
+                    url: u(),
+                    reason: r(),
+                },
+                false,
+                true,
+            ),
+            (
+                FetchError::Signature {
+                    url: u(),
+                    reason: r(),
+                },
+                true,
+                true,
+            ),
+            (
+                FetchError::Checksum {
+                    url: u(),
+                    want: r(),
+                    got: r(),
+                    digest: None,
+                },
+                true,
+                true,
+            ),
+            (
+                FetchError::Invalid {
+                    url: u(),
+                    reason: r(),
+                },
+                true,
+                true,
+            ),
+            (
+                FetchError::TooLarge {
+                    url: u(),
+                    limit: 1,
+                    what: r(),
+                },
+                true,
+                true,
+            ),
+            (
+                FetchError::Layout {
+                    url: u(),
+                    reason: r(),
+                },
+                true,
+                true,
+            ),
+            (
+                FetchError::Auth {
+                    url: u(),
+                    reason: r(),
+                },
+                true,
+                true,
+            ),
+            (
+                FetchError::Manifest {
+                    url: u(),
+                    reason: r(),
+                },
+                true,
+                false,
+            ),
+            (
+                FetchError::Download {
+                    url: u(),
+                    attempts: 1,
+                    last: r(),
+                },
+                true,
+                false,
+            ),
+            (
+                FetchError::Blob {
+                    url: u(),
+                    reason: r(),
+                },
+                true,
+                false,
+            ),
+            (
+                FetchError::Io {
+                    url: u(),
+                    reason: r(),
+                },
+                true,
+                false,
+            ),
+            (
+                FetchError::Timeout {
+                    url: u(),
+                    timeout: std::time::Duration::ZERO,
+                    stage: "s",
+                },
+                true,
+                false,
+            ),
+        ] {
+            assert_eq!(
+                (e.is_transient(), e.is_permanent()),
+                (transient, permanent),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn errors_are_clipped() {

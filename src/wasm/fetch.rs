@@ -46,8 +46,11 @@ pub(super) struct Provenance {
 }
 
 /// The cache's answer to "is the module of this OCI manifest (digest, index digest) already
-/// here, satisfying the expected checksum?" — lookup #2, without pulling the layer.
-pub(super) type Known<'a> = &'a (dyn Fn(&Resolved, Option<&str>) -> Option<Module> + Send + Sync);
+/// here, satisfying the expected checksum?" — lookup #2, without pulling the layer: the module,
+/// or what the same manifest gave before and still gives (a checksum mismatch, invalid Wasm),
+/// or `None` (pull it).
+pub(super) type Known<'a> =
+    &'a (dyn Fn(&Resolved, Option<&str>) -> Option<Result<Module, FetchError>> + Send + Sync);
 
 /// The fetchers and what they need to reach registries and servers.
 pub(super) struct Fetcher {
@@ -279,7 +282,8 @@ impl Fetcher {
         // Lookup #2: this manifest's module may already be here (no layer pull). The manifest
         // was just fetched with this request's credentials and its signatures checked: the
         // gate's questions are answered.
-        if let Some(module) = known(&resolved, expected) {
+        if let Some(found) = known(&resolved, expected) {
+            let module = found?;
             counter!(m::CACHE_LOOKUP_COUNT, "hit" => "true").increment(1);
             return Ok((Fetched::Cached(module), provenance));
         }

@@ -12,9 +12,14 @@ use super::index::Index;
 use super::pins::Pins;
 use super::store::Store;
 
-/// The last failure seen for a URL (debug page).
+/// The last failure seen for what was asked (a URL with its expected sha256), for the debug
+/// page; forgotten once no resource asks for it any more.
 #[derive(Debug, Clone, Serialize)]
 pub struct FailureInfo {
+    /// The URL (canonical, redacted).
+    pub url: String,
+    /// The sha256 the request expected, if any.
+    pub sha256: Option<String>,
     pub error: String,
     /// Unix seconds.
     pub at: u64,
@@ -80,7 +85,11 @@ pub(super) fn snapshot(
             ModuleView {
                 sha256: sha.clone(),
                 path: store.module_path(sha),
-                last_error: urls.iter().find_map(|u| failures.get(u)).cloned(),
+                last_error: failures
+                    .values()
+                    .filter(|f| urls.contains(&f.url))
+                    .max_by_key(|f| f.at)
+                    .cloned(),
                 urls,
                 oci_digests: e.oci_digests.iter().cloned().collect(),
                 size: e.size,

@@ -12,12 +12,20 @@
 //!   older nonce, and a NACK does not change the subscription at istiod). A swallowed request
 //!   whose names differ goes up re-addressed to the latest nonce (SotW) or as a pure
 //!   subscription message (Delta);
+//! * a nonce Envoy has not accepted is never ACKed: while the latest upstream nonce stands
+//!   NACKed by the agent, a SotW subscription change goes up as a new watch (no nonce, no
+//!   versions), which a control plane answers with a push of the names, not as an ACK;
+//! * the control plane learns when Envoy runs what it NACKed: once Envoy accepted a background
+//!   delivery for every resource the agent's NACK of the latest nonce named, Envoy's ACK goes
+//!   up re-addressed to that nonce (istiod clears the rejection on an ACK of the NACKed nonce);
 //! * Envoy's rejections of what the agent delivered are reported ([`Rejection`]), and go
 //!   upstream when the control plane has not had a reply to its latest nonce yet;
+//! * resources Envoy stops subscribing to are reported ([`Decision::unsubscribed`]), so their
+//!   pins and retries end whatever the control plane sends;
 //! * a new stream never carries ECDS versions upstream: Envoy may hold a stand-in under the
 //!   control plane's version, so the control plane must send the real resource again.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 use super::flavor::Flavor;
 use crate::proto::type_url;
@@ -66,6 +74,16 @@ pub struct Decision<R> {
     pub up: Option<R>,
     /// Set when Envoy rejected something of the agent's.
     pub rejection: Option<Rejection>,
+    /// ECDS resources Envoy no longer subscribes to.
+    pub unsubscribed: Vec<String>,
+}
+
+/// The agent's NACK of the latest upstream nonce, while what it failed may still heal.
+#[derive(Debug)]
+struct Nacked {
+    nonce: String,
+    /// Resources of that response Envoy does not run yet.
+    pending: BTreeSet<String>,
 }
 
 /// A FIFO set with a bounded memory.
@@ -104,18 +122,37 @@ pub struct Book {
     /// SotW: the subscription the control plane knows (sent in an ACK of its latest nonce, or
     /// in the first request).
     known_names: Option<Vec<String>>,
+    /// The agent's NACK of the latest upstream nonce, until healed or superseded.
+    nacked: Option<Nacked>,
+    /// Agent nonces of background deliveries, with the resource each one healed.
+    healed: Recent<(String, String)>,
 }
 
 impl Book {
     /// An ECDS response with `nonce` arrived from upstream (before it is converted).
     pub fn upstream_response(&mut self, nonce: &str) {
         self.latest = Some(nonce.to_owned());
+        if self.nacked.as_ref().is_some_and(|n| n.nonce != nonce) {
+            self.nacked = None;
+        }
     }
 
-    /// The agent NACKs `nonce` itself; returns the NACK to send upstream.
-    pub fn agent_nack<F: Flavor>(&mut self, nonce: &str, message: String) -> F::Req {
+    /// The agent NACKs `nonce` itself, for the resources `failed`; returns the NACK to send
+    /// upstream.
+    pub fn agent_nack<F: Flavor>(
+        &mut self,
+        nonce: &str,
+        message: String,
+        failed: &[String],
+    ) -> F::Req {
         self.answered_by_agent.push(nonce.to_owned());
         self.replied.push(nonce.to_owned());
+        if self.latest.as_deref() == Some(nonce) {
+            self.nacked = Some(Nacked {
+                nonce: nonce.to_owned(),
+                pending: failed.iter().cloned().collect(),
+            });
+        }
         F::nack(
             type_url::ECDS,
             nonce,
@@ -123,6 +160,40 @@ impl Book {
             &self.envoy_names,
             message,
         )
+    }
+
+    /// The agent delivered the healed resource `name` under its own `nonce`.
+    pub fn agent_healed(&mut self, nonce: &str, name: &str) {
+        self.healed.push((nonce.to_owned(), name.to_owned()));
+        self.agent_delivered(
+            nonce,
+            Delivered {
+                converted: true,
+                healed: true,
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Envoy accepted the background delivery `nonce`: the NACKed nonce it completes, if every
+    /// resource that NACK named now runs in Envoy (and the NACKed nonce is still the latest).
+    fn heal_completes(&mut self, nonce: &str) -> Option<String> {
+        let name = self
+            .healed
+            .0
+            .iter()
+            .rev()
+            .find(|(n, _)| n == nonce)
+            .map(|(_, name)| name.clone())?;
+        let nacked = self.nacked.as_mut()?;
+        if self.latest.as_deref() != Some(nacked.nonce.as_str()) {
+            return None;
+        }
+        nacked.pending.remove(&name);
+        if !nacked.pending.is_empty() {
+            return None;
+        }
+        self.nacked.take().map(|n| n.nonce)
     }
 
     /// Records what the agent changed in the response with `nonce` that goes to Envoy.
@@ -151,13 +222,29 @@ impl Book {
             return Decision {
                 up: Some(req),
                 rejection: None,
+                unsubscribed: vec![],
             };
         }
-        if let Some((version, names)) = F::sotw_state(&req) {
-            if !version.is_empty() {
-                self.envoy_version = version.to_owned();
+        let unsubscribed: Vec<String> = match F::sotw_state(&req) {
+            Some((version, names)) => {
+                if !version.is_empty() {
+                    self.envoy_version = version.to_owned();
+                }
+                let gone = self
+                    .envoy_names
+                    .iter()
+                    .filter(|n| !names.contains(n))
+                    .cloned()
+                    .collect();
+                self.envoy_names = names.to_vec();
+                gone
             }
-            self.envoy_names = names.to_vec();
+            None => F::unsubscribed(&req).to_vec(),
+        };
+        if let Some(n) = self.nacked.as_mut() {
+            for name in &unsubscribed {
+                n.pending.remove(name);
+            }
         }
         let nonce = F::req_nonce(&req).to_owned();
         let error = F::req_error(&req).map(str::to_owned);
@@ -176,6 +263,7 @@ impl Book {
             return Decision {
                 up: Some(req),
                 rejection,
+                unsubscribed,
             };
         }
         if !self.is_agents(&nonce) {
@@ -186,6 +274,7 @@ impl Book {
             return Decision {
                 up: Some(req),
                 rejection,
+                unsubscribed,
             };
         }
 
@@ -195,24 +284,59 @@ impl Book {
             .latest
             .clone()
             .filter(|l| !self.replied.contains(l.as_str()));
-        let up = match (&error, latest_unreplied) {
-            (Some(_), Some(latest)) => {
+        let healed = if error.is_none() {
+            self.heal_completes(&nonce)
+        } else {
+            None
+        };
+        let up = match (&error, latest_unreplied, healed) {
+            (Some(_), Some(latest), _) => {
                 // Envoy rejected an agent delivery while the control plane waits for a reply to
                 // its latest nonce: Envoy's rejection is that reply.
                 self.replied.push(latest.clone());
                 Some(F::readdress(req, &latest, true))
             }
-            _ if F::changes_subscription(&req, self.known_names.as_deref()) => {
-                let up = match &self.latest {
-                    Some(latest) if F::NAME == "sotw" => F::readdress(req, latest, false),
-                    _ => F::subscription_only(req),
-                };
+            (None, _, Some(nacked)) => {
+                // Envoy runs everything the agent's NACK of the latest nonce named: its ACK
+                // of the healing delivery is the ACK of that nonce.
+                self.replied.push(nacked.clone());
+                let up = F::readdress(req, &nacked, false);
                 self.note_sent::<F>(&up, true);
                 Some(up)
             }
+            _ if F::changes_subscription(&req, self.known_names.as_deref()) => {
+                self.subscription_change::<F>(req)
+            }
             _ => None,
         };
-        Decision { up, rejection }
+        Decision {
+            up,
+            rejection,
+            unsubscribed,
+        }
+    }
+
+    /// A subscription change in a request the agent would otherwise keep: under the latest
+    /// nonce (SotW), or as a pure subscription message (Delta). While the agent's NACK of the
+    /// latest nonce stands, a SotW change goes up with no nonce and no versions — a control
+    /// plane takes that as a new watch of the names (istiod's INIT path) and pushes them — never
+    /// as an ACK of a nonce Envoy did not accept, and never lost (istiod ignores a NACK's names).
+    fn subscription_change<F: Flavor>(&mut self, req: F::Req) -> Option<F::Req> {
+        let nacked = self
+            .nacked
+            .as_ref()
+            .is_some_and(|n| self.latest.as_deref() == Some(n.nonce.as_str()));
+        let up = match &self.latest {
+            Some(_) if F::NAME == "sotw" && nacked => {
+                let mut up = F::subscription_only(req);
+                F::forget_versions(&mut up);
+                up
+            }
+            Some(latest) if F::NAME == "sotw" => F::readdress(req, latest, false),
+            _ => F::subscription_only(req),
+        };
+        self.note_sent::<F>(&up, true);
+        Some(up)
     }
 
     /// Remembers the SotW names of a request that went up, when the control plane will take
@@ -266,7 +390,7 @@ mod tests {
             match step {
                 Step::Upstream(n) => b.upstream_response(n),
                 Step::AgentNack(n) => {
-                    let nack = b.agent_nack::<Sotw>(n, "bad".into());
+                    let nack = b.agent_nack::<Sotw>(n, "bad".into(), &["a".to_string()]);
                     assert_eq!(nack.response_nonce, n);
                     assert!(nack.error_detail.is_some());
                 }
@@ -314,10 +438,11 @@ mod tests {
             Envoy(sotw("n1", &["a"], None), None),
             // So does its reply to an agent delivery.
             Envoy(sotw("ecds-agent/1/1", &["a"], None), None),
-            // A subscription change in a swallowed reply goes up under the latest nonce.
+            // A subscription change in a swallowed reply while n1 stands NACKed: a new watch
+            // (no nonce), never an ACK of a nonce Envoy did not accept.
             Envoy(
                 sotw("ecds-agent/1/1", &["a", "b"], None),
-                Some(("n1", &["a", "b"], false)),
+                Some(("", &["a", "b"], false)),
             ),
             // Replies to other upstream nonces go up as they are.
             Upstream("n2"),
@@ -345,13 +470,77 @@ mod tests {
                 Some(("n1", &["a", "b"], false)),
             ),
             AgentNack("n2"),
+            // n2 stands NACKed: the change goes up as a new watch, once.
             Envoy(
                 sotw("n2", &["a", "b"], None),
-                Some(("n2", &["a", "b"], false)),
+                Some(("", &["a", "b"], false)),
             ),
-            // Once known upstream, the same names are not repeated.
             Envoy(sotw("ecds-agent/1/1", &["a", "b"], None), None),
         ]);
+    }
+
+    /// The control plane learns that Envoy runs what the agent NACKed: Envoy's ACK of the
+    /// healing delivery goes up as the ACK of the NACKed nonce, once every resource that NACK
+    /// named runs; not for an older nonce, not while another resource still fails.
+    #[test]
+    fn healing_acks_the_nacked_nonce() {
+        let mut b = Book::default();
+        let up = |b: &mut Book, req: Box<DiscoveryRequest>| {
+            b.envoy_request::<Sotw>(*req).up.map(|r| {
+                (
+                    r.response_nonce.clone(),
+                    r.resource_names.clone(),
+                    r.error_detail.is_some(),
+                )
+            })
+        };
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(up(&mut b, sotw("", &["a", "b"], None)).is_some());
+        b.upstream_response("n1");
+        let _ = b.agent_nack::<Sotw>("n1", "a and b failed".into(), &names(&["a", "b"]));
+        assert_eq!(up(&mut b, sotw("n1", &["a", "b"], None)), None);
+        b.agent_healed("ecds-agent/1/1", "a");
+        assert_eq!(
+            up(&mut b, sotw("ecds-agent/1/1", &["a", "b"], None)),
+            None,
+            "b still fails"
+        );
+        b.agent_healed("ecds-agent/1/2", "b");
+        // Rejected by Envoy: no ACK.
+        let _ = up(&mut b, sotw("ecds-agent/1/2", &["a", "b"], Some("V8")));
+        b.agent_healed("ecds-agent/1/3", "b");
+        assert_eq!(
+            up(&mut b, sotw("ecds-agent/1/3", &["a", "b"], None)),
+            Some(("n1".into(), names(&["a", "b"]), false)),
+            "the ACK of n1"
+        );
+        // Once only.
+        b.agent_healed("ecds-agent/1/4", "b");
+        assert_eq!(up(&mut b, sotw("ecds-agent/1/4", &["a", "b"], None)), None);
+
+        // A newer nonce supersedes the NACK: healing an older one ACKs nothing.
+        b.upstream_response("n2");
+        let _ = b.agent_nack::<Sotw>("n2", "a failed".into(), &names(&["a"]));
+        b.upstream_response("n3");
+        b.agent_healed("ecds-agent/1/5", "a");
+        assert_eq!(up(&mut b, sotw("ecds-agent/1/5", &["a", "b"], None)), None);
+
+        // A resource Envoy unsubscribes from no longer holds the ACK back; the unsubscribe is
+        // reported.
+        b.upstream_response("n4");
+        let _ = b.agent_nack::<Sotw>("n4", "a, b failed".into(), &names(&["a", "b"]));
+        let d = b.envoy_request::<Sotw>(*sotw("ecds-agent/1/6", &["a"], None));
+        assert_eq!(d.unsubscribed, names(&["b"]));
+        assert!(
+            d.up.as_ref()
+                .is_some_and(|r| r.response_nonce.is_empty() && r.error_detail.is_none()),
+            "a new watch, not an ACK of n4"
+        );
+        b.agent_healed("ecds-agent/1/7", "a");
+        assert_eq!(
+            up(&mut b, sotw("ecds-agent/1/7", &["a"], None)),
+            Some(("n4".into(), names(&["a"]), false))
+        );
     }
 
     #[test]
@@ -417,7 +606,7 @@ mod tests {
     fn delta_subscription_changes_still_go_up() {
         let mut b = Book::default();
         b.upstream_response("d1");
-        let _ = b.agent_nack::<Delta>("d1", "x".into());
+        let _ = b.agent_nack::<Delta>("d1", "x".into(), &[]);
         let ack = DeltaDiscoveryRequest {
             type_url: type_url::ECDS.into(),
             response_nonce: "d1".into(),
@@ -439,7 +628,7 @@ mod tests {
     fn memory_is_bounded() {
         let mut b = Book::default();
         for i in 0..(MEMORY + 10) {
-            let _ = b.agent_nack::<Sotw>(&i.to_string(), String::new());
+            let _ = b.agent_nack::<Sotw>(&i.to_string(), String::new(), &[]);
         }
         assert_eq!(b.answered_by_agent.0.len(), MEMORY);
         assert!(!b.is_agents("0") && b.is_agents(&(MEMORY + 9).to_string()));

@@ -87,15 +87,21 @@ impl<F: Flavor> Drop for EcdsSession<F> {
 }
 
 impl<F: Flavor> EcdsSession<F> {
-    /// Starts the session; returns where ECDS responses are to be sent.
+    /// Starts the session; returns where ECDS responses, and the names of resources Envoy
+    /// unsubscribed from, are to be sent.
     pub fn spawn(
         id: u64,
         conv: Arc<Converter>,
         book: Arc<Mutex<Book>>,
         down_tx: DownTx<F>,
         up_tx: mpsc::UnboundedSender<F::Req>,
-    ) -> (mpsc::UnboundedSender<F::Resp>, JoinHandle<()>) {
+    ) -> (
+        mpsc::UnboundedSender<F::Resp>,
+        mpsc::UnboundedSender<Vec<String>>,
+        JoinHandle<()>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (unsub_tx, unsub_rx) = mpsc::unbounded_channel();
         let (healed_tx, healed_rx) = mpsc::unbounded_channel();
         let session = EcdsSession::<F> {
             id,
@@ -109,14 +115,15 @@ impl<F: Flavor> EcdsSession<F> {
             version: String::new(),
             seq: 0,
         };
-        let task = tokio::spawn(session.run(rx, healed_rx).in_current_span());
-        (tx, task)
+        let task = tokio::spawn(session.run(rx, healed_rx, unsub_rx).in_current_span());
+        (tx, unsub_tx, task)
     }
 
     async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<F::Resp>,
         mut healed: mpsc::UnboundedReceiver<Healed>,
+        mut unsubscribed: mpsc::UnboundedReceiver<Vec<String>>,
     ) {
         let mut queue: VecDeque<F::Resp> = VecDeque::new();
         loop {
@@ -131,6 +138,10 @@ impl<F: Flavor> EcdsSession<F> {
                         None => return,
                     },
                     Some(h) = healed.recv() => self.on_healed(h).await,
+                    Some(names) = unsubscribed.recv() => {
+                        self.on_unsubscribed(&names);
+                        Ok(())
+                    }
                 };
                 if step.is_err() {
                     return;
@@ -138,6 +149,9 @@ impl<F: Flavor> EcdsSession<F> {
             }
             while let Ok(resp) = rx.try_recv() {
                 queue.push_back(resp);
+            }
+            while let Ok(names) = unsubscribed.try_recv() {
+                self.on_unsubscribed(&names);
             }
             coalesce::<F>(&mut queue);
             let Some(resp) = queue.pop_front() else {
@@ -156,6 +170,20 @@ impl<F: Flavor> EcdsSession<F> {
     fn supersede(&mut self, name: &str) {
         if let Some(h) = self.heals.remove(name) {
             h.task.abort();
+        }
+    }
+
+    /// Envoy no longer subscribes to `names` (a WasmPlugin deleted, a listener gone): their
+    /// retries stop, their pins go (the module starts its expiry), their failures are
+    /// forgotten — whatever the control plane sends (istiod sends no ECDS removal).
+    fn on_unsubscribed(&mut self, names: &[String]) {
+        for name in names {
+            if self.heals.contains_key(name) {
+                info!(resource = %name, "Envoy unsubscribed; background retry stopped");
+            }
+            self.supersede(name);
+            self.conv.cache().pin(self.id, name, None);
+            self.conv.cache().forget_resource(name);
         }
     }
 
@@ -209,6 +237,7 @@ impl<F: Flavor> EcdsSession<F> {
         for name in F::removed(&resp).to_vec() {
             self.supersede(&name);
             self.conv.cache().pin(self.id, &name, None);
+            self.conv.cache().forget_resource(&name);
         }
 
         let mut deliver = Vec::with_capacity(total);
@@ -225,6 +254,7 @@ impl<F: Flavor> EcdsSession<F> {
                 Outcome::Unchanged { name, stripped } => {
                     self.supersede(&name);
                     self.conv.cache().pin(self.id, &name, None);
+                    self.conv.cache().forget_resource(&name);
                     match stripped {
                         Some(any) => deliver.push(Carried {
                             any: Some(any),
@@ -292,7 +322,10 @@ impl<F: Flavor> EcdsSession<F> {
             let reason = nack_reason(&failures);
             // Answered here: Envoy's own reply to this nonce stays with the agent (when Envoy
             // gets nothing, it sends none).
-            let nack = self.book().agent_nack::<F>(&nonce, message.clone());
+            let failed: Vec<String> = failures.iter().map(|f| f.name.clone()).collect();
+            let nack = self
+                .book()
+                .agent_nack::<F>(&nonce, message.clone(), &failed);
             warn!(%nonce, %reason, %message, "NACK sent to the control plane");
             counter!(m::NACKS_SENT, "reason" => reason).increment(1);
             counter!(m::XDS_PROXY_REQUESTS).increment(1);
@@ -360,14 +393,7 @@ impl<F: Flavor> EcdsSession<F> {
                 envelope: heal.envelope,
             },
         );
-        self.book().agent_delivered(
-            &nonce,
-            Delivered {
-                converted: true,
-                healed: true,
-                ..Default::default()
-            },
-        );
+        self.book().agent_healed(&nonce, &h.name);
         info!(resource = %h.name, path = %h.module.path.display(), %nonce,
               "module arrived after retry; delivered to Envoy without a new push");
         counter!(m::HEAL_DELIVERIES).increment(1);

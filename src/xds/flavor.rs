@@ -101,6 +101,8 @@ pub trait Flavor: Send + Sync + 'static {
         }
         r
     }
+    /// Names a Delta request unsubscribes from (SotW: none; the book compares name lists).
+    fn unsubscribed(r: &Self::Req) -> &[String];
     /// Drops the resource versions Envoy says it holds (SotW `version_info`, Delta
     /// `initial_resource_versions`), so the control plane sends everything again.
     fn forget_versions(r: &mut Self::Req);
@@ -183,6 +185,9 @@ impl Flavor for Sotw {
     }
     fn reply_part(r: &mut Self::Req) -> (&mut String, &mut Option<RpcStatus>) {
         (&mut r.response_nonce, &mut r.error_detail)
+    }
+    fn unsubscribed(_: &Self::Req) -> &[String] {
+        &[]
     }
     fn forget_versions(r: &mut Self::Req) {
         r.version_info.clear();
@@ -269,6 +274,9 @@ impl Flavor for Delta {
     }
     fn reply_part(r: &mut Self::Req) -> (&mut String, &mut Option<RpcStatus>) {
         (&mut r.response_nonce, &mut r.error_detail)
+    }
+    fn unsubscribed(r: &Self::Req) -> &[String] {
+        &r.resource_names_unsubscribe
     }
     fn forget_versions(r: &mut Self::Req) {
         r.initial_resource_versions.clear();

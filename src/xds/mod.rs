@@ -46,6 +46,8 @@ pub struct ProxyConfig {
     pub response_stall_timeout: std::time::Duration,
     /// Most Envoy streams open at once; a new stream past it ends the oldest one.
     pub max_streams: usize,
+    /// Bearer token file, read for every new upstream stream.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ProxyConfig {
@@ -54,6 +56,7 @@ impl Default for ProxyConfig {
             max_request_bytes: 4 << 20,
             max_response_bytes: 256 << 20,
             response_stall_timeout: std::time::Duration::from_secs(30),
+            token_file: None,
             max_streams: 1024,
         }
     }

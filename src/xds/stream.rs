@@ -108,6 +108,32 @@ pub fn start<F: Flavor>(
     DownBody::new(down_rx)
 }
 
+/// The most of a token file read.
+const MAX_TOKEN_BYTES: u64 = 64 << 10;
+
+/// `authorization: Bearer <token>` from `path`, read now (a projected token is rotated on disk;
+/// each new stream presents the current one). A file that cannot be read or holds no usable
+/// token is logged (without its content) and the stream goes up without it, so the control
+/// plane's refusal says what is wrong.
+async fn add_token(md: &mut MetadataMap, path: &std::path::Path) {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let f = tokio::fs::File::open(path).await?;
+        let mut text = String::new();
+        f.take(MAX_TOKEN_BYTES).read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    };
+    match read.await {
+        Ok(text) => match format!("Bearer {}", text.trim()).parse() {
+            Ok(value) if !text.trim().is_empty() => {
+                md.insert("authorization", value);
+            }
+            _ => warn!(file = %path.display(), "token file holds no usable bearer token"),
+        },
+        Err(e) => warn!(file = %path.display(), error = %e, "cannot read the token file"),
+    }
+}
+
 /// Envoy's metadata minus hop headers, plus the agent's own headers (`XDS_HEADER_*`), which
 /// replace any of the same name.
 fn upstream_metadata(from: &MetadataMap, extra: &MetadataMap) -> MetadataMap {
@@ -139,7 +165,10 @@ async fn session<F: Flavor>(
 ) {
     info!("Envoy stream opened");
     let (_active, evicted) = super::ActiveStream::new(&ctx, id);
-    let metadata = upstream_metadata(req.metadata(), &ctx.extra_metadata);
+    let mut metadata = upstream_metadata(req.metadata(), &ctx.extra_metadata);
+    if let Some(path) = &ctx.config.token_file {
+        add_token(&mut metadata, path).await;
+    }
     let downstream = req.into_inner();
     let (up_tx, up_rx) = mpsc::unbounded_channel::<F::Req>();
     let book = Arc::new(Mutex::new(Book::default()));
@@ -147,11 +176,12 @@ async fn session<F: Flavor>(
     let mut ecds = ctx.converter.clone().map(|conv| {
         EcdsSession::<F>::spawn(id, conv, book.clone(), down_tx.clone(), up_tx.clone())
     });
-    let ecds_tx = ecds.as_ref().map(|(tx, _)| tx.clone());
+    let ecds_tx = ecds.as_ref().map(|(tx, _, _)| tx.clone());
+    let unsub_tx = ecds.as_ref().map(|(_, tx, _)| tx.clone());
     // The ECDS session ends only after the stream does; if it ends first, it failed.
     let ecds_failed = async {
         match ecds.as_mut() {
-            Some((_, task)) => match task.await {
+            Some((_, _, task)) => match task.await {
                 Err(e) if e.is_panic() => End::Internal(format!(
                     "ECDS session failed: {}",
                     panic_text(&*e.into_panic())
@@ -165,13 +195,13 @@ async fn session<F: Flavor>(
 
     let mut shutdown = ctx.shutdown.clone();
     let end = tokio::select! {
-        e = forward_requests::<F>(&ctx, id, downstream, up_tx, book.clone()) => e,
+        e = forward_requests::<F>(&ctx, id, downstream, up_tx, unsub_tx, book.clone()) => e,
         e = forward_responses::<F>(&ctx, metadata, up_rx, down_tx.clone(), ecds_tx, book) => e,
         e = ecds_failed => e,
         _ = evicted => End::Evicted,
         _ = shutdown.wait_for(|s| *s) => End::Shutdown,
     };
-    if let Some((_, task)) = ecds {
+    if let Some((_, _, task)) = ecds {
         task.abort();
     }
     let to_envoy = match &end {
@@ -242,6 +272,7 @@ async fn forward_requests<F: Flavor>(
     id: u64,
     mut downstream: Streaming<F::Req>,
     up_tx: mpsc::UnboundedSender<F::Req>,
+    unsub_tx: Option<mpsc::UnboundedSender<Vec<String>>>,
     book: Arc<Mutex<Book>>,
 ) -> End {
     loop {
@@ -253,6 +284,12 @@ async fn forward_requests<F: Flavor>(
                     .envoy_request::<F>(req);
                 if let Some(r) = decision.rejection {
                     record_rejection(ctx, id, r, decision.up.is_some());
+                }
+                if let Some(tx) = unsub_tx
+                    .as_ref()
+                    .filter(|_| !decision.unsubscribed.is_empty())
+                {
+                    let _ = tx.send(decision.unsubscribed);
                 }
                 let Some(req) = decision.up else { continue };
                 debug!(

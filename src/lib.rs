@@ -5,25 +5,29 @@
 //!
 //! ```text
 //! Envoy ──ADS──▶ xds (proxy streams) ──ADS──▶ control plane
-//!                  │ ECDS responses only
+//!                  │ responses of the intercepted type URLs only (xds::Interceptor)
 //!                  ▼
-//!                ecds (decode, rewrite remote→local, stand-ins, NACK text)
+//!                ecds (the ECDS session: convert, rewrite remote→local, stand-ins, NACKs, heals)
 //!                  │ module URL + options
 //!                  ▼
 //!                wasm (HTTP/OCI fetchers, verification, on-disk cache)
 //! ```
 //!
-//! `admin` serves health, metrics and debug pages; `config` owns the command line of the
-//! sidecar. `demo` (cargo feature `demo`, which `make demo` and `make test` enable; never in a
+//! `xds` knows nothing of Wasm: `ecds` implements its [`xds::Interceptor`] for the ECDS type URL
+//! and `main` plugs it in. `metrics` (the metric names) and `backoff` are leaves every layer may
+//! use; `admin` serves health, metrics and debug pages and only reads; `config` owns the command
+//! line of the sidecar. `tests/architecture.rs` checks that no two of these import each other. `demo` (cargo feature `demo`, which `make demo` and `make test` enable; never in a
 //! production build) is a small istiod-like control plane for the walkthrough and the tests.
 
 pub mod admin;
+pub mod backoff;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod ecds;
 pub mod errors;
 pub mod fuzzing;
+pub mod metrics;
 pub mod proto;
 pub mod wasm;
 pub mod xds;

@@ -177,10 +177,13 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     let purger = cache.as_ref().map(|c| c.spawn_purger());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let interceptor = converter.map(|c| {
+        Arc::new(ecds_agent::ecds::EcdsInterceptor(c)) as Arc<dyn ecds_agent::xds::Interceptor>
+    });
     let ctx = Arc::new(ProxyContext::new(
         args.proxy_config(),
         up,
-        converter,
+        interceptor,
         shutdown_rx.clone(),
     ));
     let state = AdminState::new(cache.clone(), ctx.rejections.clone(), args.admin_config());

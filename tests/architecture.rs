@@ -1,5 +1,6 @@
-//! The layout rules, checked on the source: no import cycles between the modules of `wasm/`,
-//! and the cache is the only owner of its state (the only `impl Cache`).
+//! The layout rules, checked on the source: no import cycles between the crate's top-level
+//! modules (`xds` knows nothing of `ecds` or `wasm`; metric names are a leaf) nor between the
+//! modules of `wasm/`, and the cache is the only owner of its state (the only `impl Cache`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -15,13 +16,87 @@ fn modules(dir: &str) -> BTreeMap<String, String> {
         }
         let name = p.file_stem().unwrap().to_string_lossy().into_owned();
         let text = std::fs::read_to_string(&p).unwrap();
-        let code = match text.find("#[cfg(test)]\nmod tests") {
-            Some(i) => text[..i].to_owned(),
-            None => text,
-        };
-        out.insert(name, code);
+        out.insert(name, code_of(&text));
     }
     out
+}
+
+/// The code of a source file: without its unit tests and without comment lines.
+fn code_of(text: &str) -> String {
+    let text = match text.find("#[cfg(test)]\nmod tests") {
+        Some(i) => &text[..i],
+        None => text,
+    };
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The crate's top-level modules (files and folders of `src/`, not `lib`/`main`) and the
+/// sibling modules each names as `crate::<name>`.
+fn crate_edges() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut code: BTreeMap<String, String> = BTreeMap::new();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        let p = e.path();
+        let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+        if name == "lib" || name == "main" {
+            continue;
+        }
+        let mut text = String::new();
+        if p.is_dir() {
+            for f in std::fs::read_dir(&p).unwrap().flatten() {
+                text.push_str(&code_of(
+                    &std::fs::read_to_string(f.path()).unwrap_or_default(),
+                ));
+            }
+        } else if p.extension().and_then(|x| x.to_str()) == Some("rs") {
+            text = code_of(&std::fs::read_to_string(&p).unwrap());
+        } else {
+            continue;
+        }
+        code.insert(name, text);
+    }
+    let names: Vec<String> = code.keys().cloned().collect();
+    code.iter()
+        .map(|(name, text)| {
+            let deps = names
+                .iter()
+                .filter(|o| *o != name && text.contains(&format!("crate::{o}")))
+                .cloned()
+                .collect();
+            (name.clone(), deps)
+        })
+        .collect()
+}
+
+#[test]
+fn no_import_cycles_between_the_crates_layers() {
+    let g = crate_edges();
+    assert!(
+        g["ecds"].contains("xds") && g["ecds"].contains("wasm"),
+        "{g:#?}"
+    );
+    assert_eq!(cycle(&g), None, "{g:#?}");
+    for (layer, never) in [
+        ("xds", "ecds"),
+        ("xds", "wasm"),
+        ("wasm", "ecds"),
+        ("wasm", "xds"),
+        ("wasm", "admin"),
+        ("ecds", "admin"),
+        ("xds", "admin"),
+        ("metrics", "admin"),
+    ] {
+        assert!(
+            !g[layer].contains(never),
+            "{layer} must not import {never}: {g:#?}"
+        );
+    }
+    for leaf in ["metrics", "backoff"] {
+        assert!(g[leaf].is_empty(), "{leaf} is a leaf: {:?}", g[leaf]);
+    }
 }
 
 /// Edges `a → b` where module `a` of `src/<dir>` names sibling `b` (`super::b`,

@@ -177,7 +177,7 @@ async fn an_unsubscribed_resource_is_unpinned_and_a_fixed_one_is_not_shown_faili
         .args(["--module-expiry", "2s", "--purge-interval", "1s"])
         .start()
         .await;
-    let (mut envoy, mut up) = sotw_ecds(&agent, &mut cp, &["p", "q"]).await;
+    let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &["p", "q"]).await;
     let wrong = Remote {
         sha256: "0".repeat(64),
         ..Default::default()

@@ -14,7 +14,8 @@
 //! the debug pages. Every connection has a 5 s header deadline (no slowloris), every request a
 //! 10 s deadline, and at most 64 connections are served at once.
 
-pub mod metrics;
+/// The metric names and the recorder (a leaf module every layer uses).
+pub use crate::metrics;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -14,12 +14,12 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::google::protobuf::Any;
 use metrics::counter;
 use prost::Message;
-use rand::Rng;
 
 use super::env::take_hints;
 use super::standin;
 use super::wasm_filter::{classify, WasmFilter};
-use crate::admin::metrics as m;
+use crate::backoff::Backoff;
+use crate::metrics as m;
 use crate::proto::type_url;
 use crate::wasm::{Cache, GetOptions, Module};
 
@@ -73,15 +73,25 @@ pub struct RetryPolicy {
     pub permanent_recheck: Duration,
 }
 
-/// The pause before the next background attempt, before jitter: a permanent failure waits
-/// for the recheck interval, a transient one backs off (`delay`, doubling to the cap).
-pub fn next_pause(policy: &RetryPolicy, permanent: bool, delay: Duration) -> Duration {
-    if permanent {
-        policy.permanent_recheck
-    } else {
-        delay.min(policy.max_backoff)
+impl RetryPolicy {
+    /// The backoff of a failure class: a permanent failure waits for the recheck interval, a
+    /// transient one starts at 1 s and doubles to the cap; both ±20 % jitter.
+    pub fn backoff(&self, permanent: bool) -> Backoff {
+        if permanent {
+            Backoff::fixed(self.permanent_recheck, HEAL_JITTER)
+        } else {
+            Backoff {
+                initial: HEAL_INITIAL,
+                factor: 2.0,
+                max: self.max_backoff,
+                jitter: HEAL_JITTER,
+            }
+        }
     }
 }
+
+/// Jitter of background retries.
+const HEAL_JITTER: f64 = 0.2;
 
 /// What became of one resource.
 pub enum Outcome {
@@ -110,7 +120,87 @@ pub enum Outcome {
     Rejected { name: Option<String>, error: String },
 }
 
+/// What Envoy gets for one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deliver {
+    /// The resource as the control plane sent it.
+    AsReceived,
+    /// The resource rewritten by the agent (a local file, or hints stripped).
+    Rewritten,
+    /// The RBAC stand-in of the same name.
+    StandIn,
+    /// Nothing.
+    Nothing,
+}
+
+/// What happens to the module pin of one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    /// It uses this module now.
+    Module(String),
+    /// It uses no module now (its old one starts its expiry).
+    Release,
+    /// Unchanged (a malformed resource says nothing about what Envoy runs).
+    Keep,
+}
+
+/// The session's response to one outcome: the pure table behind `session` (tested below).
+/// Acknowledging a healed resource upstream is the nonce book's (`xds::book`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub deliver: Deliver,
+    /// The control plane gets a NACK naming it.
+    pub nack: bool,
+    /// A background retry starts.
+    pub heal: bool,
+    pub pin: Pin,
+    /// Its remembered failures are forgotten (it asks for nothing that failed).
+    pub settles: bool,
+}
+
 impl Outcome {
+    /// What the session does with this outcome.
+    pub fn plan(&self) -> Plan {
+        match self {
+            Outcome::Unchanged { stripped, .. } => Plan {
+                deliver: if stripped.is_some() {
+                    Deliver::Rewritten
+                } else {
+                    Deliver::AsReceived
+                },
+                nack: false,
+                heal: false,
+                pin: Pin::Release,
+                settles: true,
+            },
+            Outcome::Converted { module, .. } => Plan {
+                deliver: Deliver::Rewritten,
+                nack: false,
+                heal: false,
+                pin: Pin::Module(module.sha256.clone()),
+                settles: true,
+            },
+            Outcome::FetchFailed { standin, heal, .. } => Plan {
+                deliver: if standin.is_some() {
+                    Deliver::StandIn
+                } else {
+                    Deliver::Nothing
+                },
+                nack: true,
+                heal: heal.is_some(),
+                pin: Pin::Release,
+                settles: false,
+            },
+            Outcome::Rejected { .. } => Plan {
+                deliver: Deliver::Nothing,
+                nack: true,
+                heal: false,
+                pin: Pin::Keep,
+                settles: false,
+            },
+        }
+    }
+
     pub fn result(&self) -> ConversionResult {
         match self {
             Outcome::Unchanged { .. } => ConversionResult::NoRemoteLoad,
@@ -322,11 +412,12 @@ impl Converter {
     /// at the recheck interval, both with ±20 % jitter ([`next_pause`]). Cancel by dropping
     /// the future (a newer push, a removal, Envoy unsubscribing, the stream ending).
     pub async fn heal(&self, job: &HealJob) -> (Any, Module) {
-        let mut delay = HEAL_INITIAL;
         let mut permanent = job.permanent;
+        // Retries of the current failure class (a change of class starts its backoff over).
+        let mut n = 0u32;
         loop {
-            let pause = next_pause(&self.retry, permanent, delay)
-                .mul_f64(rand::rng().random_range(0.8..1.2));
+            n += 1;
+            let pause = self.retry.backoff(permanent).pause(n);
             self.cache
                 .note_retry(&job.url, job.opts.sha256.as_deref(), pause);
             tokio::time::sleep(pause).await;
@@ -338,13 +429,13 @@ impl Converter {
                     return (rewrite(&job.filter, &job.name, &module), module);
                 }
                 Err(e) => {
-                    permanent = e.is_permanent();
+                    if e.is_permanent() != permanent {
+                        permanent = e.is_permanent();
+                        n = 0;
+                    }
                     tracing::info!(resource = %job.name, error = %e, permanent,
                         "background retry failed")
                 }
-            }
-            if !permanent {
-                delay = (delay * 2).min(self.retry.max_backoff);
             }
         }
     }
@@ -355,6 +446,126 @@ mod tests {
     use super::*;
     use envoy_types::pb::google::protobuf::Duration as PbDuration;
 
+    /// The outcome → (deliver, NACK, heal, pin) table.
+    #[test]
+    fn outcome_table() {
+        let any = Any::default;
+        let module = || Module {
+            path: "m".into(),
+            sha256: "s".into(),
+            oci_digest: None,
+            size: 1,
+            matched: None,
+            fetched: false,
+            served_by: None,
+        };
+        let job = || {
+            Box::new(HealJob {
+                name: "n".into(),
+                url: "u".into(),
+                filter: WasmFilter {
+                    kind: crate::ecds::wasm_filter::FilterKind::Http,
+                    config: Default::default(),
+                },
+                opts: GetOptions::default(),
+                permanent: false,
+            })
+        };
+        let failed = |standin: Option<Any>, heal: Option<Box<HealJob>>| Outcome::FetchFailed {
+            name: "n".into(),
+            standin,
+            error: "e".into(),
+            result: ConversionResult::FetchFailure,
+            reason: "fetch_failure",
+            heal,
+        };
+        use Deliver::*;
+        for (o, deliver, nack, heal, pin, settles) in [
+            (
+                Outcome::Unchanged {
+                    name: "n".into(),
+                    stripped: None,
+                },
+                AsReceived,
+                false,
+                false,
+                Pin::Release,
+                true,
+            ),
+            (
+                Outcome::Unchanged {
+                    name: "n".into(),
+                    stripped: Some(any()),
+                },
+                Rewritten,
+                false,
+                false,
+                Pin::Release,
+                true,
+            ),
+            (
+                Outcome::Converted {
+                    name: "n".into(),
+                    any: any(),
+                    module: module(),
+                },
+                Rewritten,
+                false,
+                false,
+                Pin::Module("s".into()),
+                true,
+            ),
+            (
+                failed(Some(any()), Some(job())),
+                StandIn,
+                true,
+                true,
+                Pin::Release,
+                false,
+            ),
+            (
+                failed(None, Some(job())),
+                Nothing,
+                true,
+                true,
+                Pin::Release,
+                false,
+            ),
+            (
+                failed(Some(any()), None),
+                StandIn,
+                true,
+                false,
+                Pin::Release,
+                false,
+            ),
+            (
+                Outcome::Rejected {
+                    name: None,
+                    error: "e".into(),
+                },
+                Nothing,
+                true,
+                false,
+                Pin::Keep,
+                false,
+            ),
+        ] {
+            assert_eq!(
+                o.plan(),
+                Plan {
+                    deliver,
+                    nack,
+                    heal,
+                    pin,
+                    settles
+                },
+                "{:?}",
+                o.result()
+            );
+        }
+    }
+
     #[test]
     fn retry_pauses() {
         let p = RetryPolicy {
@@ -362,13 +573,15 @@ mod tests {
             permanent_recheck: Duration::from_secs(300),
         };
         let s = Duration::from_secs;
-        assert_eq!(next_pause(&p, false, s(1)), s(1));
-        assert_eq!(next_pause(&p, false, s(128)), s(60), "capped");
+        assert_eq!(p.backoff(false).pause_with(1, 0.0), s(1));
+        assert_eq!(p.backoff(false).pause_with(2, 0.0), s(2));
+        assert_eq!(p.backoff(false).pause_with(9, 0.0), s(60), "capped");
         assert_eq!(
-            next_pause(&p, true, s(1)),
+            p.backoff(true).pause_with(1, 0.0),
             s(300),
-            "permanent: the recheck interval"
+            "the recheck interval"
         );
+        assert_eq!(p.backoff(true).pause_with(9, -1.0), s(240), "-20 %");
     }
 
     #[test]

@@ -56,7 +56,7 @@ use super::store::{now_ms, now_secs, Index, ModuleEntry, Store};
 use super::url::ModuleUrl;
 use super::view::{CacheView, FailureInfo};
 use super::{retention, verify, view};
-use crate::admin::metrics as m;
+use crate::metrics as m;
 
 #[derive(Default)]
 struct State {

@@ -26,7 +26,7 @@ use super::signature::{key_fingerprint, verify_bundle, verify_payload, Action, V
 use super::store::{sha256_file, Store, TempFile};
 use super::unbox::{self, Boxing};
 use super::url::OciRef;
-use crate::admin::metrics as m;
+use crate::metrics as m;
 
 /// What a fetch produced: a module already in the cache (OCI digest known), or new bytes.
 pub(super) enum Fetched {

@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -40,14 +39,18 @@ enum Attempt {
     Fatal(FetchError),
 }
 
-const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// Backoff before attempt `n + 1` (n ≥ 1): 0.5 s × 1.5^(n-1), ±50 % jitter, capped at 60 s.
+const BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff {
+    initial: Duration::from_millis(500),
+    factor: 1.5,
+    max: BACKOFF_MAX,
+    jitter: 0.5,
+};
+
 fn backoff(n: u32) -> Duration {
-    let base = BACKOFF_INITIAL.as_secs_f64() * 1.5f64.powi(n.saturating_sub(1) as i32);
-    let jitter = rand::rng().random_range(0.5..1.5);
-    Duration::from_secs_f64((base * jitter).min(BACKOFF_MAX.as_secs_f64()))
+    BACKOFF.pause(n)
 }
 
 fn retryable_status(code: u16) -> bool {

@@ -129,6 +129,13 @@ pub trait Flavor: Send + Sync + 'static {
     ) -> Self::Req;
     /// A response the agent sends on its own (a module delivered by background retry).
     fn originate(type_url: &str, version: &str, nonce: String, item: Carried) -> Self::Resp;
+    /// Starts `i`'s interception of a stream of this flavor.
+    fn intercept(
+        i: &dyn super::Interceptor,
+        h: super::StreamHandles<Self>,
+    ) -> super::Intercepted<Self>
+    where
+        Self: Sized;
 }
 
 fn error_detail(message: String) -> Option<RpcStatus> {
@@ -160,6 +167,12 @@ fn sotw_name(any: &Any) -> String {
 pub struct Sotw;
 
 impl Flavor for Sotw {
+    fn intercept(
+        i: &dyn super::Interceptor,
+        h: super::StreamHandles<Self>,
+    ) -> super::Intercepted<Self> {
+        i.start_sotw(h)
+    }
     type Req = DiscoveryRequest;
     type Resp = DiscoveryResponse;
     const NAME: &'static str = "sotw";
@@ -249,6 +262,12 @@ impl Flavor for Sotw {
 pub struct Delta;
 
 impl Flavor for Delta {
+    fn intercept(
+        i: &dyn super::Interceptor,
+        h: super::StreamHandles<Self>,
+    ) -> super::Intercepted<Self> {
+        i.start_delta(h)
+    }
     type Req = DeltaDiscoveryRequest;
     type Resp = DeltaDiscoveryResponse;
     const NAME: &'static str = "delta";

@@ -1,10 +1,11 @@
 //! The ADS proxy: Envoy-facing gRPC server (SotW + Delta), one upstream stream per Envoy
-//! stream, and the interception point where ECDS responses are handed to [`crate::ecds`].
+//! stream, and the interception point ([`Interceptor`]) where the responses of one type URL are
+//! handed to whoever takes them over (ECDS: `crate::ecds`, plugged in by `main`).
 //!
-//! This module owns sockets, streams, framing, ordering and nonces. It does not look inside
-//! resources: everything that is not ECDS passes through unchanged (a large response is relayed
-//! frame by frame as it arrives, without being decoded), and ECDS resources are only carried to
-//! and from the converter.
+//! This module owns sockets, streams, framing, ordering and nonces. It knows nothing of Wasm and
+//! does not look inside resources: everything not intercepted passes through unchanged (a large
+//! response is relayed frame by frame as it arrives, without being decoded); intercepted
+//! responses go to the interceptor, which answers through the stream's handles.
 //!
 //! * `listen`   — binding the Envoy-facing Unix/TCP socket
 //! * `upstream` — dialling the control plane (h2, TLS, mTLS)
@@ -13,11 +14,9 @@
 //! * `wire`     — gRPC framing and the early look that tells a relayable response
 //! * `relay`    — the stream bodies below tonic's codec (cut-through relay of large responses)
 //! * `book`     — nonce bookkeeping (one reply per upstream nonce)
-//! * `ecds_session` — per-stream ECDS conversion, NACKs and self-healing deliveries
 //! * `server`   — the tonic service and `serve`
 
 pub mod book;
-mod ecds_session;
 pub mod flavor;
 pub mod listen;
 pub mod relay;
@@ -34,6 +33,32 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
 pub use server::serve;
+pub use stream::DownTx;
+
+/// What an interception of one stream is given: the stream's id, its nonce book, and the ways
+/// to Envoy and to the control plane.
+pub struct StreamHandles<F: flavor::Flavor> {
+    pub id: u64,
+    pub book: Arc<Mutex<book::Book>>,
+    pub down_tx: DownTx<F>,
+    pub up_tx: tokio::sync::mpsc::UnboundedSender<F::Req>,
+}
+
+/// What the stream hands an interception: the responses of its type URL, and the names of
+/// resources of that type Envoy unsubscribed from. The stream ends when `task` ends.
+pub struct Intercepted<F: flavor::Flavor> {
+    pub responses: tokio::sync::mpsc::UnboundedSender<F::Resp>,
+    pub unsubscribed: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Takes over the responses of one type URL on every stream (SotW and Delta).
+pub trait Interceptor: Send + Sync + 'static {
+    /// The type URL whose responses it takes.
+    fn type_url(&self) -> &'static str;
+    fn start_sotw(&self, h: StreamHandles<flavor::Sotw>) -> Intercepted<flavor::Sotw>;
+    fn start_delta(&self, h: StreamHandles<flavor::Delta>) -> Intercepted<flavor::Delta>;
+}
 
 /// Limits of the proxy, set from the command line.
 #[derive(Debug, Clone)]
@@ -66,8 +91,8 @@ impl Default for ProxyConfig {
 pub struct ProxyContext {
     pub config: ProxyConfig,
     pub upstream: upstream::Upstream,
-    /// `None` when conversion is disabled: ECDS then passes through untouched.
-    pub converter: Option<Arc<crate::ecds::Converter>>,
+    /// Who takes over one type URL's responses (`None`: everything passes through untouched).
+    pub interceptor: Option<Arc<dyn Interceptor>>,
     /// Flips to `true` on shutdown; streams end with UNAVAILABLE so Envoy reconnects.
     pub shutdown: watch::Receiver<bool>,
     pub stream_ids: AtomicU64,
@@ -85,13 +110,13 @@ impl ProxyContext {
     pub fn new(
         config: ProxyConfig,
         upstream: upstream::Upstream,
-        converter: Option<Arc<crate::ecds::Converter>>,
+        interceptor: Option<Arc<dyn Interceptor>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             config,
             upstream,
-            converter,
+            interceptor,
             shutdown,
             stream_ids: AtomicU64::new(1),
             extra_metadata: xds_headers_from_env(),
@@ -190,7 +215,7 @@ impl<'a> ActiveStream<'a> {
             }
         }
         open.insert(id, tx);
-        metrics::gauge!(crate::admin::metrics::ENVOY_STREAMS_ACTIVE).set(open.len() as f64);
+        metrics::gauge!(crate::metrics::ENVOY_STREAMS_ACTIVE).set(open.len() as f64);
         (Self { ctx, id }, rx)
     }
 }
@@ -199,6 +224,6 @@ impl Drop for ActiveStream<'_> {
     fn drop(&mut self) {
         let mut open = self.ctx.open.lock().unwrap_or_else(|p| p.into_inner());
         open.remove(&self.id);
-        metrics::gauge!(crate::admin::metrics::ENVOY_STREAMS_ACTIVE).set(open.len() as f64);
+        metrics::gauge!(crate::metrics::ENVOY_STREAMS_ACTIVE).set(open.len() as f64);
     }
 }

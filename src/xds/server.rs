@@ -147,24 +147,27 @@ impl Accept for TcpListener {
     }
 }
 
-const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Accept errors (EMFILE) are waited out: 5 ms doubling to 1 s.
+const ACCEPT_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff {
+    initial: Duration::from_millis(5),
+    factor: 2.0,
+    max: Duration::from_secs(1),
+    jitter: 0.0,
+};
 
 /// The connections of `listener`; accept errors are waited out, never yielded.
 fn incoming<L: Accept>(listener: L) -> impl Stream<Item = std::io::Result<L::Conn>> {
     futures::stream::unfold(listener, |l| async move {
-        let mut pause = Duration::ZERO;
+        let mut failures = 0u32;
         loop {
             match l.accept().await {
                 Ok(conn) => return Some((Ok(conn), l)),
                 Err(e) => {
-                    if pause.is_zero() {
+                    if failures == 0 {
                         tracing::warn!(error = %e, "cannot accept a connection; backing off");
-                        pause = ACCEPT_BACKOFF_FIRST;
-                    } else {
-                        pause = (pause * 2).min(ACCEPT_BACKOFF_MAX);
                     }
-                    tokio::time::sleep(pause).await;
+                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(ACCEPT_BACKOFF.pause(failures)).await;
                 }
             }
         }

@@ -24,14 +24,12 @@ use tonic::{Request, Status, Streaming};
 use tracing::{debug, info, warn, Instrument};
 
 use super::book::{Book, Rejection};
-use super::ecds_session::EcdsSession;
 use super::flavor::Flavor;
 use super::relay::{Down, DownBody, Next, ReadEnd, Relay, ResponseReader, UpBody, RELAY_CHUNKS};
 use super::wire::{self, HEADER};
 use super::{ProxyContext, RejectionView};
-use crate::admin::metrics as m;
 use crate::errors::error_chain;
-use crate::proto::type_url;
+use crate::metrics as m;
 
 /// How many responses may wait for a slow Envoy before the upstream reader pauses.
 const DOWNSTREAM_BUFFER: usize = 64;
@@ -173,15 +171,23 @@ async fn session<F: Flavor>(
     let (up_tx, up_rx) = mpsc::unbounded_channel::<F::Req>();
     let book = Arc::new(Mutex::new(Book::default()));
 
-    let mut ecds = ctx.converter.clone().map(|conv| {
-        EcdsSession::<F>::spawn(id, conv, book.clone(), down_tx.clone(), up_tx.clone())
+    let mut ecds = ctx.interceptor.as_ref().map(|i| {
+        F::intercept(
+            &**i,
+            super::StreamHandles {
+                id,
+                book: book.clone(),
+                down_tx: down_tx.clone(),
+                up_tx: up_tx.clone(),
+            },
+        )
     });
-    let ecds_tx = ecds.as_ref().map(|(tx, _, _)| tx.clone());
-    let unsub_tx = ecds.as_ref().map(|(_, tx, _)| tx.clone());
+    let ecds_tx = ecds.as_ref().map(|i| i.responses.clone());
+    let unsub_tx = ecds.as_ref().map(|i| i.unsubscribed.clone());
     // The ECDS session ends only after the stream does; if it ends first, it failed.
     let ecds_failed = async {
         match ecds.as_mut() {
-            Some((_, _, task)) => match task.await {
+            Some(i) => match (&mut i.task).await {
                 Err(e) if e.is_panic() => End::Internal(format!(
                     "ECDS session failed: {}",
                     panic_text(&*e.into_panic())
@@ -201,8 +207,8 @@ async fn session<F: Flavor>(
         _ = evicted => End::Evicted,
         _ = shutdown.wait_for(|s| *s) => End::Shutdown,
     };
-    if let Some((_, _, task)) = ecds {
-        task.abort();
+    if let Some(i) = ecds {
+        i.task.abort();
     }
     let to_envoy = match &end {
         End::EnvoyClosed | End::EnvoyError(_) | End::EnvoyGone => None,
@@ -324,7 +330,10 @@ fn record_rejection(ctx: &ProxyContext, id: u64, r: Rejection, forwarded: bool) 
         nonce: r.nonce,
         reason,
         message: r.message,
-        at: crate::wasm::store::now_secs(),
+        at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     });
 }
 
@@ -364,7 +373,11 @@ async fn forward_responses<F: Flavor>(
         counter!(m::UPSTREAM_CONNECTION_FAILURES).increment(1);
         return refused;
     }
-    let intercepted = ecds_tx.as_ref().map(|_| type_url::ECDS);
+    let intercepted = ctx
+        .interceptor
+        .as_ref()
+        .filter(|_| ecds_tx.is_some())
+        .map(|i| i.type_url());
     let mut reader = ResponseReader::new(
         response.into_body(),
         ctx.config.max_response_bytes,
@@ -406,7 +419,7 @@ async fn forward_responses<F: Flavor>(
                     nonce = F::resp_nonce(&resp),
                     "response down"
                 );
-                if F::resp_type_url(&resp) == type_url::ECDS {
+                if Some(F::resp_type_url(&resp)) == intercepted {
                     if let Some(tx) = &ecds_tx {
                         book.lock()
                             .unwrap_or_else(|p| p.into_inner())

@@ -1,4 +1,5 @@
-//! The ECDS side of one stream. ECDS responses arrive here in the order the control plane
+//! The ECDS side of one stream: the `xds` interception of the ECDS type URL (see
+//! [`crate::xds::Interceptor`], implemented by [`super::EcdsInterceptor`]). ECDS responses arrive here in the order the control plane
 //! sent them and leave in that order (one at a time), while other types never wait for them.
 //!
 //! For each response: every resource is converted concurrently; good ones are delivered
@@ -25,14 +26,15 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
-use super::book::{Book, Delivered, AGENT_NONCE_PREFIX};
-use super::flavor::{Carried, Flavor};
-use super::relay::Down;
-use super::stream::DownTx;
-use crate::admin::metrics as m;
-use crate::ecds::{ConversionResult, Converter, HealJob, Outcome};
+use super::convert::Pin;
+use super::{ConversionResult, Converter, HealJob, Outcome};
+use crate::metrics as m;
 use crate::proto::type_url;
 use crate::wasm::Module;
+use crate::xds::book::{Book, Delivered, AGENT_NONCE_PREFIX};
+use crate::xds::flavor::{Carried, Flavor};
+use crate::xds::relay::Down;
+use crate::xds::{DownTx, Intercepted, StreamHandles};
 
 /// Envoy went away; the session ends.
 struct Gone;
@@ -87,19 +89,15 @@ impl<F: Flavor> Drop for EcdsSession<F> {
 }
 
 impl<F: Flavor> EcdsSession<F> {
-    /// Starts the session; returns where ECDS responses, and the names of resources Envoy
-    /// unsubscribed from, are to be sent.
-    pub fn spawn(
-        id: u64,
-        conv: Arc<Converter>,
-        book: Arc<Mutex<Book>>,
-        down_tx: DownTx<F>,
-        up_tx: mpsc::UnboundedSender<F::Req>,
-    ) -> (
-        mpsc::UnboundedSender<F::Resp>,
-        mpsc::UnboundedSender<Vec<String>>,
-        JoinHandle<()>,
-    ) {
+    /// Starts the session on the stream `h`; returns where ECDS responses, and the names of
+    /// resources Envoy unsubscribed from, are to be sent.
+    pub fn spawn(conv: Arc<Converter>, h: StreamHandles<F>) -> Intercepted<F> {
+        let StreamHandles {
+            id,
+            book,
+            down_tx,
+            up_tx,
+        } = h;
         let (tx, rx) = mpsc::unbounded_channel();
         let (unsub_tx, unsub_rx) = mpsc::unbounded_channel();
         let (healed_tx, healed_rx) = mpsc::unbounded_channel();
@@ -115,8 +113,13 @@ impl<F: Flavor> EcdsSession<F> {
             version: String::new(),
             seq: 0,
         };
-        let task = tokio::spawn(session.run(rx, healed_rx, unsub_rx).in_current_span());
-        (tx, unsub_tx, task)
+        let task: JoinHandle<()> =
+            tokio::spawn(session.run(rx, healed_rx, unsub_rx).in_current_span());
+        Intercepted {
+            responses: tx,
+            unsubscribed: unsub_tx,
+            task,
+        }
     }
 
     async fn run(
@@ -250,22 +253,36 @@ impl<F: Flavor> EcdsSession<F> {
                 deliver.push(item);
                 continue;
             };
+            let plan = outcome.plan();
+            let name = match &outcome {
+                Outcome::Unchanged { name, .. }
+                | Outcome::Converted { name, .. }
+                | Outcome::FetchFailed { name, .. } => name.clone(),
+                Outcome::Rejected { name, .. } => name
+                    .clone()
+                    .or(envelope_name)
+                    .unwrap_or_else(|| format!("#{i}")),
+            };
+            // A newer outcome for the resource ends its retry; its pin and remembered failures
+            // follow the plan.
+            self.supersede(&name);
+            match &plan.pin {
+                Pin::Module(sha) => self.conv.cache().pin(self.id, &name, Some(sha)),
+                Pin::Release => self.conv.cache().pin(self.id, &name, None),
+                Pin::Keep => {}
+            }
+            if plan.settles {
+                self.conv.cache().forget_resource(&name);
+            }
             match outcome {
-                Outcome::Unchanged { name, stripped } => {
-                    self.supersede(&name);
-                    self.conv.cache().pin(self.id, &name, None);
-                    self.conv.cache().forget_resource(&name);
-                    match stripped {
-                        Some(any) => deliver.push(Carried {
-                            any: Some(any),
-                            envelope: item.envelope,
-                        }),
-                        None => deliver.push(item),
-                    }
-                }
-                Outcome::Converted { name, any, module } => {
-                    self.supersede(&name);
-                    self.conv.cache().pin(self.id, &name, Some(&module.sha256));
+                Outcome::Unchanged { stripped, .. } => match stripped {
+                    Some(any) => deliver.push(Carried {
+                        any: Some(any),
+                        envelope: item.envelope,
+                    }),
+                    None => deliver.push(item),
+                },
+                Outcome::Converted { any, module, .. } => {
                     info!(resource = %name, path = %module.path.display(), sha256 = %module.sha256,
                           fetched = module.fetched, "Wasm module delivered as local file");
                     delivered.converted = true;
@@ -275,15 +292,12 @@ impl<F: Flavor> EcdsSession<F> {
                     });
                 }
                 Outcome::FetchFailed {
-                    name,
                     standin,
                     error,
                     reason,
                     heal,
                     ..
                 } => {
-                    self.supersede(&name);
-                    self.conv.cache().pin(self.id, &name, None);
                     warn!(resource = %name, %error, stand_in = standin.is_some(), retrying = heal.is_some(),
                           "Wasm module unavailable");
                     if let Some(any) = standin {
@@ -302,9 +316,7 @@ impl<F: Flavor> EcdsSession<F> {
                         reason,
                     });
                 }
-                Outcome::Rejected { name, error } => {
-                    let name = name.or(envelope_name).unwrap_or_else(|| format!("#{i}"));
-                    self.supersede(&name);
+                Outcome::Rejected { error, .. } => {
                     warn!(resource = %name, %error, "malformed ECDS resource rejected");
                     failures.push(Failure {
                         name,

@@ -188,3 +188,25 @@ pub fn describe() {
         "ECDS responses dropped or abandoned because a newer push replaced them"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_form_labels_are_bounded() {
+        for i in 0..MAX_LABEL_VALUES {
+            assert_eq!(
+                bounded_label("test_metric", &format!("h{i}")),
+                format!("h{i}")
+            );
+        }
+        assert_eq!(
+            bounded_label("test_metric", "h0"),
+            "h0",
+            "a known value stays"
+        );
+        assert_eq!(bounded_label("test_metric", "new"), "other");
+        assert_eq!(bounded_label("other_metric", "new"), "new", "per metric");
+    }
+}

@@ -1218,3 +1218,29 @@ async fn a_held_index_lock_does_not_wedge_a_get() {
     assert!(started.elapsed() < Duration::from_secs(25));
     drop(lock);
 }
+
+/// The failures remembered for the admin pages are bounded: a control plane naming ever new
+/// bad URLs cannot grow them (nor `/stats`) without limit.
+#[tokio::test]
+async fn remembered_failures_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache_in(dir.path(), Opts::default()).await;
+    for i in 0..300 {
+        // One resource each (a resource failing on something new forgets its old failure).
+        let o = GetOptions {
+            resource_name: format!("r{i}"),
+            ..opts()
+        };
+        let e = cache
+            .get(&format!("oci://bad..host{i}/x:v1"), o)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FetchError::BadUrl { .. }), "{e}");
+    }
+    let v = cache.view();
+    assert_eq!(v.failures.len(), ecds_agent::wasm::cache::MAX_FAILURES);
+    assert!(
+        v.failures.keys().any(|k| k.contains("host299")),
+        "the newest stays"
+    );
+}

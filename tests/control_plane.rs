@@ -296,3 +296,43 @@ async fn the_token_file_is_read_for_every_new_stream() {
     );
     assert!(!agent.log_text().contains("second-token"));
 }
+
+/// The closing note's figure, by hand (`cargo test --features demo --test control_plane --
+/// --ignored --nocapture`): registry requests over `MEASURE_SECS` (default 70) of a permanently
+/// bad resource (wrong sha256 on an unchanged image) with the default recheck interval.
+#[tokio::test]
+#[ignore]
+async fn measure_registry_requests_of_a_bad_resource_with_defaults() {
+    let secs: u64 = std::env::var("MEASURE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(70);
+    let reg = Registry::plain().await;
+    reg.push("bad/m", "v1", &module("measure"), Layout::Docker)
+        .await;
+    let mut cp = ControlPlane::start().await;
+    let agent = Agent::builder(&cp.url())
+        .args(["--insecure-registries", &reg.addr])
+        .start()
+        .await;
+    let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &["bad"]).await;
+    let wrong = Remote {
+        sha256: "1".repeat(64),
+        ..Default::default()
+    };
+    up.send(ecds_resp(
+        "v1",
+        "n1",
+        vec![ecds_remote("bad", &reg.url("bad/m:v1"), &wrong)],
+    ));
+    envoy.recv().await;
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let log = reg.log_text();
+    let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    println!(
+        "over {secs} s: {} blob GETs, {} manifest GETs, {} requests in all",
+        reg.blob_gets("bad/m"),
+        reg.manifest_gets("bad/m"),
+        count("\"GET /v2/") + count("\"HEAD /v2/")
+    );
+}

@@ -44,7 +44,8 @@ pub enum DemoCommand {
 
 #[derive(Debug, Args)]
 pub struct ControlPlaneArgs {
-    /// WasmPlugin YAML (re-read on change; each change is a new push).
+    /// WasmPlugin YAML, or an Istio 1.30+ TrafficExtension (served under its 1.30+ resource
+    /// name); re-read on change, each change is a new push.
     #[arg(long, default_value = "testdata/wasmplugin.yaml", value_name = "FILE")]
     pub wasmplugin: PathBuf,
     /// ADS address the agent connects to: host:port, or unix:/path (as pilot-agent's socket).

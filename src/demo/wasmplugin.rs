@@ -1,6 +1,9 @@
-//! The `WasmPlugin` custom resource (extensions.istio.io/v1alpha1) and how istiod turns it into
-//! an ECDS resource (Istio 1.26–1.29 naming): the same fields, env hints and failure policy the
-//! agent consumes in production.
+//! The `WasmPlugin` custom resource (extensions.istio.io/v1alpha1), and Istio 1.30+'s
+//! `TrafficExtension` (the module under `spec.wasm`), and how istiod turns either into an ECDS
+//! resource: the same fields, env hints and failure policy the agent consumes in production.
+//! Names: `extensions.istio.io/wasmplugin/<ns>.<name>` (1.26–1.29) for a WasmPlugin,
+//! `extensions.istio.io/trafficextension/<ns>.<name>` for a TrafficExtension (1.30+ translates
+//! a WasmPlugin into one named `<name>~istio-translated-wasmplugin`).
 
 use std::collections::BTreeMap;
 
@@ -21,8 +24,32 @@ use crate::ecds::env::{PULL_POLICY, PULL_SECRET, RESOURCE_VERSION};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct WasmPlugin {
+    /// `WasmPlugin` or `TrafficExtension`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
     pub metadata: Metadata,
     pub spec: Spec,
+}
+
+fn default_kind() -> String {
+    "WasmPlugin".into()
+}
+
+/// A TrafficExtension: the module's fields under `spec.wasm`, the rest beside it.
+#[derive(Debug, Clone, Deserialize)]
+struct TrafficExtension {
+    metadata: Metadata,
+    spec: TrafficSpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TrafficSpec {
+    #[serde(default)]
+    phase: String,
+    #[serde(default)]
+    fail_strategy: String,
+    wasm: Spec,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,11 +104,46 @@ pub struct EnvVar {
 }
 
 impl WasmPlugin {
+    /// A WasmPlugin, or a TrafficExtension (by its `kind`).
     pub fn parse(yaml: &str) -> Result<Self, String> {
-        let p: WasmPlugin =
+        let v: serde_yaml::Value =
             serde_yaml::from_str(yaml).map_err(|e| format!("invalid WasmPlugin YAML: {e}"))?;
+        let kind = v
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("WasmPlugin")
+            .to_owned();
+        let p = match kind.as_str() {
+            "WasmPlugin" => serde_yaml::from_value::<WasmPlugin>(v)
+                .map_err(|e| format!("invalid WasmPlugin YAML: {e}"))?,
+            "TrafficExtension" => {
+                let t: TrafficExtension = serde_yaml::from_value(v)
+                    .map_err(|e| format!("invalid TrafficExtension YAML: {e}"))?;
+                let mut spec = t.spec.wasm;
+                if spec.phase.is_empty() {
+                    spec.phase = t.spec.phase;
+                }
+                if spec.fail_strategy.is_empty() {
+                    spec.fail_strategy = t.spec.fail_strategy;
+                }
+                WasmPlugin {
+                    kind,
+                    metadata: t.metadata,
+                    spec,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "kind {other:?} is neither WasmPlugin nor TrafficExtension"
+                ))
+            }
+        };
         if p.spec.url.trim().is_empty() {
-            return Err("WasmPlugin spec.url is required".into());
+            return Err(if p.kind == "TrafficExtension" {
+                "TrafficExtension spec.wasm.url is required".into()
+            } else {
+                "WasmPlugin spec.url is required".into()
+            });
         }
         Ok(p)
     }
@@ -91,9 +153,17 @@ impl WasmPlugin {
         format!("{}.{}", self.metadata.namespace, self.metadata.name)
     }
 
-    /// The ECDS resource name istiod uses (1.26–1.29).
+    /// The ECDS resource name istiod uses: 1.26–1.29 for a WasmPlugin, 1.30+ for a
+    /// TrafficExtension.
     pub fn resource_name(&self) -> String {
-        format!("extensions.istio.io/wasmplugin/{}", self.qualified_name())
+        if self.kind == "TrafficExtension" {
+            format!(
+                "extensions.istio.io/trafficextension/{}",
+                self.qualified_name()
+            )
+        } else {
+            format!("extensions.istio.io/wasmplugin/{}", self.qualified_name())
+        }
     }
 
     pub fn is_network(&self) -> bool {
@@ -239,6 +309,31 @@ spec:
         request_methods: ["GET", "POST"]
         credentials: ["ok:test", "YWRtaW4zOmFkbWluMw=="]
 "#;
+
+    #[test]
+    fn a_traffic_extension_is_read_like_its_wasmplugin() {
+        let read = |f: &str| {
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            WasmPlugin::parse(&std::fs::read_to_string(p).unwrap()).unwrap()
+        };
+        let te = read("testdata/trafficextension.yaml");
+        let wp = read("testdata/wasmplugin.yaml");
+        assert_eq!(
+            te.resource_name(),
+            "extensions.istio.io/trafficextension/istio-system.basic-auth~istio-translated-wasmplugin"
+        );
+        assert_eq!(
+            wp.resource_name(),
+            "extensions.istio.io/wasmplugin/istio-system.basic-auth"
+        );
+        assert_eq!((te.url(), te.spec.phase.as_str()), (wp.url(), "AUTHN"));
+        assert_eq!(te.spec.plugin_config, wp.spec.plugin_config);
+        assert!(
+            WasmPlugin::parse("kind: Gateway\nmetadata: {name: x}\nspec: {}\n")
+                .unwrap_err()
+                .contains("neither")
+        );
+    }
 
     #[test]
     fn seed_becomes_istiod_shaped_ecds() {

@@ -16,7 +16,7 @@ DEB_PKGS := docker-registry skopeo wabt apache2-utils openssl curl jq clang lld 
 PLUGIN_DIR := testdata/plugins/basic_auth
 PLUGIN_CFLAGS := --target=wasm32-wasi -O2 -mexec-model=reactor -Wl,--strip-all
 
-.PHONY: all build test test-deps deps envoy grpcio demo lint bench plugin plugin-check clean fuzz image
+.PHONY: all build test test-deps deps envoy grpcio demo lint bench plugin plugin-check clean fuzz image conformance
 
 all: build
 
@@ -92,6 +92,12 @@ fuzz:
 	  RUSTFLAGS="--cap-lints warn" RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O --fuzz-dir . $$t corpus/$$t -- \
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -max_len=65536 || exit 1; \
 	done
+
+## The public sigstore-conformance suite's 140 verification cases against the release binary,
+## offline (needs a checkout: make conformance CONFORMANCE_DIR=…/sigstore-conformance).
+conformance:
+	$(CARGO) build --release
+	./scripts/conformance.sh
 
 ## The container image: FROM scratch with buildah (vfs, chroot), pushed to a local
 ## docker-registry with skopeo, then unpacked with umoci and run under chroot to prove it.

@@ -496,3 +496,31 @@ mod tests {
         assert!(parse_message_bytes("100").is_err() && parse_message_bytes("4096").is_ok());
     }
 }
+
+/// `ecds-agent verify-bundle`: verify one sigstore bundle, speaking the sigstore-conformance
+/// suite's CLI protocol (exit 0: verified; 1: refused, with the reason).
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("signer").required(true).args(["certificate_identity", "key"])))]
+pub struct VerifyBundleArgs {
+    /// Use Sigstore's staging trust root instead of the production one (both carried in the binary).
+    #[arg(long)]
+    pub staging: bool,
+    /// The sigstore bundle (v0.1–v0.3 JSON) to verify.
+    #[arg(long, value_name = "FILE")]
+    pub bundle: PathBuf,
+    /// The identity (SAN: an e-mail or a URI) the signing certificate must carry (keyless).
+    #[arg(long, value_name = "IDENTITY", requires = "certificate_oidc_issuer")]
+    pub certificate_identity: Option<String>,
+    /// The OIDC issuer the signing certificate must name (keyless).
+    #[arg(long, value_name = "URL", requires = "certificate_identity")]
+    pub certificate_oidc_issuer: Option<String>,
+    /// A PEM public key that must have signed (managed key) instead of a keyless identity.
+    #[arg(long, value_name = "PATH_TO_KEY", conflicts_with_all = ["certificate_identity", "certificate_oidc_issuer"])]
+    pub key: Option<PathBuf>,
+    /// A trusted_root.json to verify against instead of the embedded root.
+    #[arg(long, value_name = "FILE")]
+    pub trusted_root: Option<PathBuf>,
+    /// The artifact: a file, or `sha256:<64 hex>` (its digest).
+    #[arg(value_name = "FILE_OR_DIGEST")]
+    pub artifact: String,
+}

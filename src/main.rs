@@ -36,6 +36,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// Pull one module into the cache and print its path and digest (pre-warm / debug).
     Fetch(Box<FetchArgs>),
+    /// Verify a sigstore bundle (keyless identity or public key) over a file or a sha256 digest;
+    /// speaks the sigstore-conformance CLI protocol (exit 0 verified, 1 refused).
+    VerifyBundle(Box<ecds_agent::config::VerifyBundleArgs>),
     /// Run the built-in demo control plane (istiod stand-in) serving a WasmPlugin over ADS
     /// (built with the `demo` feature only).
     #[cfg(feature = "demo")]
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(*args).await,
             Command::Fetch(args) => fetch(*args).await,
+            Command::VerifyBundle(args) => verify_bundle(&args),
             #[cfg(feature = "demo")]
             Command::Demo(args) => ecds_agent::demo::run(*args).await.map_err(Failure::Runtime),
         }
@@ -119,6 +123,43 @@ fn main() -> ExitCode {
             eprintln!("ecds-agent: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+fn verify_bundle(args: &ecds_agent::config::VerifyBundleArgs) -> Result<(), Failure> {
+    use ecds_agent::wasm::keyless::{verify_cli, CliSigner, Trust};
+    let trust = match (&args.trusted_root, args.staging) {
+        (Some(p), _) => Trust::File(p.clone()),
+        (None, true) => Trust::Staging,
+        (None, false) => Trust::Production,
+    };
+    let signer = match (
+        &args.key,
+        &args.certificate_identity,
+        &args.certificate_oidc_issuer,
+    ) {
+        (Some(k), _, _) => CliSigner::Key(k),
+        (None, Some(identity), Some(issuer)) => CliSigner::Keyless { identity, issuer },
+        _ => {
+            return Err(Failure::Usage(
+                "--key, or --certificate-identity with --certificate-oidc-issuer, is required"
+                    .into(),
+            ))
+        }
+    };
+    match verify_cli(&args.bundle, &args.artifact, signer, &trust) {
+        Ok(v) => {
+            println!(
+                "verified{}",
+                v.identity
+                    .map(|i| format!(": {i} ({})", v.issuer.unwrap_or_else(|| "no issuer".into())))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Err(e) => Err(Failure::Runtime(anyhow::anyhow!(
+            "bundle not verified: {e}"
+        ))),
     }
 }
 

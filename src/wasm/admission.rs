@@ -24,9 +24,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+#[cfg(test)]
+use super::signature::{key_fingerprint, Signers};
+
 use serde::{Deserialize, Serialize};
 
-use super::signature::{key_fingerprint, Action, VerifyPolicy};
+use super::signature::{Action, VerifyPolicy};
 use super::url::ModuleUrl;
 
 /// How a repository gave the module out.
@@ -97,31 +100,26 @@ pub fn admit(
     let Some(rule) = policy.rule_for(&name) else {
         return Admission::Refused(format!("no rule of --verify-policy matches {name}"));
     };
-    let keys = match &rule.action {
+    let signers = match &rule.action {
         Action::Deny => {
             return Admission::Refused(format!("{name} is denied by rule {:?}", rule.pattern))
         }
         Action::AllowUnsigned => return Admission::Allowed(Some(rule.pattern.clone())),
-        Action::Verify(keys) => keys,
+        Action::Verify(signers) => signers,
     };
-    if matches!(url, ModuleUrl::Http(_)) {
+    if matches!(url, ModuleUrl::Http(_)) && signers.keyless.is_empty() {
         return Admission::Refused(format!(
-            "rule {:?} of --verify-policy requires a signature for {name}, and only oci:// modules carry signatures",
+            "rule {:?} of --verify-policy requires a key signature for {name}; HTTP(S) modules carry only keyless bundles (<url>.sigstore.json)",
             rule.pattern
         ));
     }
-    let wanted: BTreeSet<String> = keys.iter().map(|(_, der)| key_fingerprint(der)).collect();
+    let wanted = signers.fingerprints();
     for (digest, fps) in record {
-        if let Some(fp) = fps.iter().find(|fp| wanted.contains(*fp)) {
-            let key = keys
-                .iter()
-                .find(|(_, der)| &key_fingerprint(der) == fp)
-                .map(|(n, _)| n.clone())
-                .unwrap_or_else(|| fp.clone());
+        if let Some((key, _)) = wanted.iter().find(|(_, fp)| fps.contains(fp)) {
             return Admission::Verified {
                 rule: rule.pattern.clone(),
                 digest: digest.clone(),
-                key,
+                key: key.clone(),
             };
         }
     }
@@ -186,6 +184,13 @@ mod tests {
         }
     }
 
+    fn keys(k: &[(String, Vec<u8>)]) -> Signers {
+        Signers {
+            keys: k.to_vec(),
+            ..Default::default()
+        }
+    }
+
     fn url(s: &str) -> ModuleUrl {
         ModuleUrl::parse(s).unwrap()
     }
@@ -205,8 +210,14 @@ mod tests {
         let k1 = ("k1.pub".to_string(), b"key-one".to_vec());
         let k2 = ("k2.pub".to_string(), b"key-two".to_vec());
         let p = policy(&[
-            ("localhost:5000/sc/*", Action::Verify(vec![k1.clone()])),
-            ("localhost:5000/rot/*", Action::Verify(vec![k2.clone()])),
+            (
+                "localhost:5000/sc/*",
+                Action::Verify(keys(std::slice::from_ref(&k1))),
+            ),
+            (
+                "localhost:5000/rot/*",
+                Action::Verify(keys(std::slice::from_ref(&k2))),
+            ),
             ("localhost:5000/no/*", Action::Deny),
             ("h.example/open/*", Action::AllowUnsigned),
             ("localhost:5000/*", Action::AllowUnsigned),
@@ -270,14 +281,30 @@ mod tests {
         ] {
             assert_eq!(admit(Some(&p), &url(u), record), want, "{u}");
         }
-        // An HTTP URL under a signature rule is refused, whatever the record says.
-        let sig_http = policy(&[("*", Action::Verify(vec![k1.clone()]))]);
+        // An HTTP URL under a key rule is refused, whatever the record says.
+        let sig_http = policy(&[("*", Action::Verify(keys(std::slice::from_ref(&k1))))]);
         let got = admit(Some(&sig_http), &url("https://h.example/m.wasm"), &by_k1);
         assert!(
-            matches!(&got, Refused(w) if w.contains("only oci://")),
+            matches!(&got, Refused(w) if w.contains("only keyless bundles")),
             "{got:?}"
         );
         assert!(refused_upfront(Some(&sig_http), &url("https://h.example/m.wasm")).is_some());
+        // A keyless rule: an HTTP module is checked (its bundle beside it), and a record made
+        // under another identity does not count.
+        let keyless = policy(&[(
+            "*",
+            Action::Verify(Signers {
+                keyless: vec![crate::wasm::signature::Keyless {
+                    issuer: "https://issuer".into(),
+                    identity: crate::wasm::keyless::Identity::Exact("ci@example.com".into()),
+                }],
+                ..Default::default()
+            }),
+        )]);
+        assert_eq!(
+            admit(Some(&keyless), &url("https://h.example/m.wasm"), &by_k1),
+            Recheck("*".into())
+        );
         assert!(refused_upfront(Some(&sig_http), &url("oci://r/x:1")).is_none());
         // No policy: everything is allowed.
         assert_eq!(admit(None, &url("oci://r/x:1"), &none), Allowed(None));

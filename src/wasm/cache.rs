@@ -44,7 +44,7 @@ use futures::future::{BoxFuture, FutureExt};
 
 use super::admission::{self, Admission, Authorization};
 use super::error::{io_err, redact, FetchError};
-use super::fetch::{manifest_match, Fetched, Fetcher, NewModule};
+use super::fetch::{manifest_match, Fetched, Fetcher, NewModule, Provenance};
 use super::flight::{deadline_after, lock_download, Flight, FlightKey};
 use super::index::{effective_policy, expected_checksum, find_by_checksum, record_url, reusable};
 use super::lease::Lease;
@@ -767,12 +767,13 @@ impl Cache {
             return Ok(module);
         }
         let (fetched, provenance) = match parsed {
-            ModuleUrl::Http(u) => (
-                self.fetcher
-                    .fetch_http(u, &shown, expected, deadline)
-                    .await?,
-                None,
-            ),
+            ModuleUrl::Http(u) => {
+                let (f, signed) = self
+                    .fetcher
+                    .fetch_http(u, &shown, expected, deadline, &parsed.policy_name())
+                    .await?;
+                (f, signed.map(Provenance::signed_only))
+            }
             ModuleUrl::Oci(r) => {
                 let known = |resolved: &Resolved, expected: Option<&str>| {
                     self.cached_by_manifest(resolved, expected, &shown)
@@ -813,9 +814,11 @@ impl Cache {
             if let Some((digest, fingerprint)) = &p.signed {
                 self.note_signature(&module.sha256, digest, fingerprint);
             }
-            self.note_access(&module.sha256, &p.repo, p.access);
-            self.proofs_lock()
-                .insert(&p.cred, &p.repo, std::time::Instant::now());
+            if let Some(access) = p.access {
+                self.note_access(&module.sha256, &p.repo, access);
+                self.proofs_lock()
+                    .insert(&p.cred, &p.repo, std::time::Instant::now());
+            }
         }
         // Make the result visible on disk before the lock is released.
         {

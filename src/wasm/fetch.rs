@@ -22,7 +22,7 @@ use super::mirrors::Source;
 use super::oci::{OciFetcher, Resolved};
 use super::options::{CacheConfig, Matched, Module};
 use super::secret;
-use super::signature::{key_fingerprint, verify_bundle, verify_payload, Action, VerifyPolicy};
+use super::signature::{verify_bundle, verify_keyless, verify_payload, Action, VerifyPolicy};
 use super::store::{sha256_file, Store, TempFile};
 use super::unbox::{self, Boxing};
 use super::url::OciRef;
@@ -34,15 +34,28 @@ pub(super) enum Fetched {
     New(NewModule),
 }
 
-/// What an OCI pull showed about the module, for the index (see `admission`).
+/// What a pull showed about the module, for the index (see `admission`).
 pub(super) struct Provenance {
-    /// The digest a signature verified over, and the key's fingerprint.
+    /// The digest a signature verified over, and the signer's fingerprint.
     pub signed: Option<(String, String)>,
-    /// Canonical `host/repository` of the reference asked for.
+    /// Canonical `host/repository` of the reference asked for (OCI).
     pub repo: String,
-    pub access: Access,
+    /// Whether the repository wanted credentials (`None`: not a registry pull).
+    pub access: Option<Access>,
     /// Who pulled it ([`super::proofs::cred_id`]).
     pub cred: String,
+}
+
+impl Provenance {
+    /// An HTTP(S) download's: a verified signature, nothing about access.
+    pub fn signed_only(signed: (String, String)) -> Self {
+        Provenance {
+            signed: Some(signed),
+            repo: String::new(),
+            access: None,
+            cred: String::new(),
+        }
+    }
 }
 
 /// The cache's answer to "is the module of this OCI manifest (digest, index digest) already
@@ -95,9 +108,11 @@ impl Fetcher {
         shown: &str,
         expected: Option<&str>,
         deadline: Instant,
-    ) -> Result<Fetched, FetchError> {
+        policy_name: &str,
+    ) -> Result<(Fetched, Option<(String, String)>), FetchError> {
         // The signature policy was applied before the lookup (`admission::refused_upfront`):
-        // an HTTP(S) module gets here only where its rule allows unsigned modules.
+        // an HTTP(S) module gets here only where its rule allows unsigned modules or names
+        // keyless identities, whose bundle is checked below.
         let max = self.cfg.max_module_bytes;
         let raw = self.temp(shown, "download").await?;
         let (raw_sha, _) = self.http.fetch(u, deadline, &raw.file).await?;
@@ -127,13 +142,90 @@ impl Fetcher {
                 })
             }
         };
-        Ok(Fetched::New(NewModule {
-            file,
-            sha,
-            digests: vec![],
-            matched,
-            served_by: super::guard::host_port(u),
-        }))
+        let signed = self
+            .check_http_keyless(u, &sha, shown, deadline, policy_name)
+            .await?;
+        Ok((
+            Fetched::New(NewModule {
+                file,
+                sha,
+                digests: vec![],
+                matched,
+                served_by: super::guard::host_port(u),
+            }),
+            signed,
+        ))
+    }
+
+    /// Under a rule with keyless identities, an HTTP(S) module needs a sigstore bundle beside
+    /// it (`<url>.sigstore.json`) that verifies over its sha256. Returns the digest and the
+    /// identity's fingerprint (`None`: the rule allows unsigned modules, or there is no policy).
+    async fn check_http_keyless(
+        &self,
+        u: &reqwest::Url,
+        sha: &str,
+        shown: &str,
+        deadline: Instant,
+        policy_name: &str,
+    ) -> Result<Option<(String, String)>, FetchError> {
+        const MAX_BUNDLE: u64 = 1 << 20;
+        let Some(policy) = &self.cfg.verify else {
+            return Ok(None);
+        };
+        let Some(Action::Verify(signers)) = policy.rule_for(policy_name).map(|r| &r.action) else {
+            return Ok(None);
+        };
+        let fail = |reason: String| {
+            counter!(m::SIGNATURE_CHECKS, "result" => "failed").increment(1);
+            FetchError::Signature {
+                url: shown.to_owned(),
+                reason,
+            }
+        };
+        let mut bundle_url = u.clone();
+        bundle_url.set_path(&format!("{}.sigstore.json", u.path()));
+        bundle_url.set_query(None);
+        let tmp = self.temp(shown, "bundle").await?;
+        self.http
+            .fetch(&bundle_url, deadline, &tmp.file)
+            .await
+            .map_err(|e| {
+                fail(format!(
+                    "no sigstore bundle at {}: {e}",
+                    super::error::redact(bundle_url.as_str())
+                ))
+            })?;
+        let path = tmp.path.clone();
+        let bundle = tokio::task::spawn_blocking(move || {
+            let len = std::fs::metadata(&path)
+                .map(|m| m.len())
+                .unwrap_or(u64::MAX);
+            if len > MAX_BUNDLE {
+                return Err(format!(
+                    "the sigstore bundle is {len} bytes (at most {MAX_BUNDLE})"
+                ));
+            }
+            std::fs::read(&path).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| io_err(shown, e.to_string()))?
+        .map_err(fail)?;
+        drop(tmp);
+        let digest = format!("sha256:{sha}");
+        match verify_keyless(&bundle, signers, &digest) {
+            Ok(name) => {
+                tracing::info!(url = %shown, %digest, signer = %name, "keyless signature verified");
+                counter!(m::SIGNATURE_CHECKS, "result" => "verified").increment(1);
+                let fp = signers
+                    .fingerprints()
+                    .into_iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, fp)| fp)
+                    .unwrap_or_default();
+                Ok(Some((digest, fp)))
+            }
+            Err(why) => Err(fail(super::error::clip(&why, 1024))),
+        }
     }
 
     /// Credentials for `r`'s registry: from the resource's pull secret, else from
@@ -256,10 +348,10 @@ impl Fetcher {
         let provenance = |signed| Provenance {
             signed,
             repo: format!("{}/{}", r.registry, r.repository),
-            access: match &auth {
+            access: Some(match &auth {
                 RegistryAuth::Anonymous => Access::Public,
                 _ => Access::Private,
-            },
+            }),
             cred: super::proofs::cred_id(&auth),
         };
         let resolved = tokio::time::timeout_at(
@@ -346,7 +438,7 @@ impl Fetcher {
         let Some(rule) = policy.rule_for(&name) else {
             return Err(fail(format!("no rule of --verify-policy matches {name}")));
         };
-        let keys = match &rule.action {
+        let signers = match &rule.action {
             Action::Deny => {
                 return Err(fail(format!("{name} is denied by rule {:?}", rule.pattern)))
             }
@@ -354,8 +446,10 @@ impl Fetcher {
                 counter!(m::SIGNATURE_CHECKS, "result" => "unsigned_allowed").increment(1);
                 return Ok(None);
             }
-            Action::Verify(keys) => keys,
+            Action::Verify(signers) => signers,
         };
+        let keys = &signers.keys;
+        let fingerprints = signers.fingerprints();
         let mut why = Vec::new();
         let digests = resolved
             .index_digest
@@ -363,9 +457,10 @@ impl Fetcher {
             .chain(std::iter::once(&resolved.digest));
         // The first check that passes wins; every failure is kept for the message.
         let fingerprint = |name: &str| {
-            keys.iter()
+            fingerprints
+                .iter()
                 .find(|(n, _)| n == name)
-                .map(|(_, der)| key_fingerprint(der))
+                .map(|(_, fp)| fp.clone())
         };
         let mut passed = |form: &str, digest: &str, checks: Vec<Result<String, String>>| {
             for check in checks {
@@ -384,14 +479,25 @@ impl Fetcher {
             // OCI 1.1 referrers: sigstore bundles (cosign v3's default).
             match self.oci.bundles(resolved, digest).await {
                 Ok(bundles) => {
-                    let checks = bundles.iter().map(|b| verify_bundle(b, keys, digest));
-                    if let Some(v) = passed("sigstore bundle", digest, checks.collect()) {
+                    let mut checks = Vec::new();
+                    for b in &bundles {
+                        if !keys.is_empty() {
+                            checks.push(verify_bundle(b, keys, digest));
+                        }
+                        if !signers.keyless.is_empty() {
+                            checks.push(verify_keyless(b, signers, digest));
+                        }
+                    }
+                    if let Some(v) = passed("sigstore bundle", digest, checks) {
                         return Ok(Some(v));
                     }
                 }
                 Err(e) => tracing::debug!(url = %shown, error = %e, "no sigstore bundle"),
             }
-            // Cosign's legacy layout: the sha256-<hex>.sig tag.
+            // Cosign's legacy layout: the sha256-<hex>.sig tag (key signatures).
+            if keys.is_empty() {
+                continue;
+            }
             let checks = match self.oci.signatures(resolved, digest).await {
                 Ok(sigs) => sigs
                     .iter()
@@ -402,6 +508,9 @@ impl Fetcher {
             if let Some(v) = passed("legacy .sig", digest, checks) {
                 return Ok(Some(v));
             }
+        }
+        if why.is_empty() {
+            why.push("no sigstore bundle found for the image".into());
         }
         why.dedup();
         why.truncate(8);

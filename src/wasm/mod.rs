@@ -34,6 +34,7 @@ mod flight;
 pub mod guard;
 pub mod http;
 pub mod index;
+pub mod keyless;
 pub mod lease;
 pub mod mirrors;
 pub mod oci;

@@ -39,10 +39,81 @@ pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 /// What a rule requires.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// A valid signature by one of these keys (SubjectPublicKeyInfo DER), named for messages.
-    Verify(Vec<(String, Vec<u8>)>),
+    /// A valid signature by one of these signers.
+    Verify(Signers),
     AllowUnsigned,
     Deny,
+}
+
+/// Who may sign under a rule: any one of them verifies.
+#[derive(Debug, Clone, Default)]
+pub struct Signers {
+    /// Public keys (SubjectPublicKeyInfo DER), named for messages.
+    pub keys: Vec<(String, Vec<u8>)>,
+    /// Keyless identities (a Fulcio certificate for an OIDC identity, logged in Rekor).
+    pub keyless: Vec<Keyless>,
+    /// The trust root keyless signatures are checked against.
+    pub trust: Option<KeylessTrust>,
+}
+
+/// A keyless identity a rule accepts.
+#[derive(Debug, Clone)]
+pub struct Keyless {
+    /// The OIDC issuer, exactly.
+    pub issuer: String,
+    pub identity: super::keyless::Identity,
+}
+
+impl Keyless {
+    /// How messages name it.
+    pub fn name(&self) -> String {
+        format!("keyless {} from {}", self.identity, self.issuer)
+    }
+}
+
+/// A loaded trust root and what identifies it (for fingerprints).
+#[derive(Clone)]
+pub struct KeylessTrust {
+    pub id: String,
+    pub root: std::sync::Arc<sigstore_verify::trust_root::TrustedRoot>,
+}
+
+impl std::fmt::Debug for KeylessTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeylessTrust({})", self.id)
+    }
+}
+
+impl Signers {
+    /// Every signer's (name, fingerprint): a key's is the sha256 of its DER; a keyless
+    /// identity's covers its issuer, identity rule and trust root, so changing any of them
+    /// makes recorded verdicts stale.
+    pub fn fingerprints(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .keys
+            .iter()
+            .map(|(n, der)| (n.clone(), key_fingerprint(der)))
+            .collect();
+        let trust = self.trust.as_ref().map(|t| t.id.as_str()).unwrap_or("");
+        out.extend(self.keyless.iter().map(|k| {
+            (
+                k.name(),
+                super::verify::sha256_hex(
+                    format!("keyless\n{}\n{}\n{trust}", k.issuer, k.identity).as_bytes(),
+                ),
+            )
+        }));
+        out
+    }
+
+    /// The names of every signer, for messages.
+    pub fn names(&self) -> String {
+        self.fingerprints()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +137,63 @@ struct FileRule {
     public_key: Option<OneOrMany>,
     #[serde(default)]
     action: Option<String>,
+    /// One keyless identity, inline.
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    identity_regexp: Option<String>,
+    /// Several keyless identities.
+    #[serde(default)]
+    keyless: Vec<FileKeyless>,
+    /// A trusted_root.json for keyless signatures (default: Sigstore's production root).
+    #[serde(default)]
+    trusted_root: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKeyless {
+    issuer: String,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    identity_regexp: Option<String>,
+}
+
+/// One keyless identity of a rule, checked: an issuer, and exactly one of `identity` and
+/// `identity_regexp` (anchored: `^…$` is added when missing).
+fn keyless_of(
+    issuer: Option<String>,
+    identity: Option<String>,
+    identity_regexp: Option<String>,
+) -> Result<Option<Keyless>, String> {
+    use super::keyless::Identity;
+    let identity = match (identity, identity_regexp) {
+        (Some(i), None) => Some(Identity::Exact(i)),
+        (None, Some(r)) => {
+            let anchored = format!(
+                "{}{r}{}",
+                if r.starts_with('^') { "" } else { "^" },
+                if r.ends_with('$') { "" } else { "$" }
+            );
+            Some(Identity::Regex(
+                regex_lite::Regex::new(&anchored)
+                    .map_err(|e| format!("identity_regexp {r:?}: {e}"))?,
+            ))
+        }
+        (Some(_), Some(_)) => return Err("identity and identity_regexp exclude each other".into()),
+        (None, None) => None,
+    };
+    match (issuer, identity) {
+        (Some(issuer), Some(identity)) if !issuer.is_empty() => {
+            Ok(Some(Keyless { issuer, identity }))
+        }
+        (None, None) => Ok(None),
+        (Some(_), None) => Err("issuer needs identity or identity_regexp".into()),
+        _ => Err("identity and identity_regexp need an issuer".into()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -107,6 +235,29 @@ fn read_key(path: &Path) -> Result<Vec<u8>, String> {
     Ok(der)
 }
 
+/// The trust root of a rule's keyless identities: a file (relative to the policy), else
+/// Sigstore's public-good production root carried in the binary.
+fn load_trust(path: Option<&Path>, base: &Path) -> Result<KeylessTrust, String> {
+    use super::keyless::Trust;
+    let (trust, id) = match path {
+        Some(p) => {
+            let p = if p.is_relative() {
+                base.join(p)
+            } else {
+                p.to_owned()
+            };
+            let bytes =
+                std::fs::read(&p).map_err(|e| format!("trusted_root {}: {e}", p.display()))?;
+            (Trust::File(p), super::verify::sha256_hex(&bytes))
+        }
+        None => (Trust::Production, "sigstore-production".to_owned()),
+    };
+    Ok(KeylessTrust {
+        id,
+        root: std::sync::Arc::new(trust.load()?),
+    })
+}
+
 impl VerifyPolicy {
     /// Reads and checks a policy file (errors name the file and the rule).
     pub fn load(path: &Path) -> Result<Self, String> {
@@ -119,11 +270,26 @@ impl VerifyPolicy {
         let mut rules = Vec::new();
         for (i, r) in file.rule.into_iter().enumerate() {
             let at = format!("{} rule {} ({:?})", path.display(), i + 1, r.pattern);
-            let action = match (r.action.as_deref(), r.public_key) {
-                (None | Some("verify"), Some(keys)) => {
-                    let paths = match keys {
-                        OneOrMany::One(p) => vec![p],
-                        OneOrMany::Many(v) => v,
+            let mut keyless = Vec::new();
+            if let Some(k) = keyless_of(r.issuer, r.identity, r.identity_regexp)
+                .map_err(|e| format!("{at}: {e}"))?
+            {
+                keyless.push(k);
+            }
+            for k in r.keyless {
+                if let Some(k) = keyless_of(Some(k.issuer), k.identity, k.identity_regexp)
+                    .map_err(|e| format!("{at}: {e}"))?
+                {
+                    keyless.push(k);
+                }
+            }
+            let signs = r.public_key.is_some() || !keyless.is_empty();
+            let action = match (r.action.as_deref(), signs) {
+                (None | Some("verify"), true) => {
+                    let paths = match r.public_key {
+                        Some(OneOrMany::One(p)) => vec![p],
+                        Some(OneOrMany::Many(v)) => v,
+                        None => vec![],
                     };
                     let mut loaded = Vec::new();
                     for p in paths {
@@ -133,19 +299,34 @@ impl VerifyPolicy {
                             read_key(&p).map_err(|e| format!("{at}: {e}"))?,
                         ));
                     }
-                    Action::Verify(loaded)
+                    let trust = if keyless.is_empty() {
+                        None
+                    } else {
+                        Some(load_trust(r.trusted_root.as_deref(), base).map_err(|e| format!("{at}: {e}"))?)
+                    };
+                    Action::Verify(Signers {
+                        keys: loaded,
+                        keyless,
+                        trust,
+                    })
                 }
-                (Some("allow-unsigned"), None) => Action::AllowUnsigned,
-                (Some("deny"), None) => Action::Deny,
-                (Some(a), None) => {
+                (Some("allow-unsigned"), false) => Action::AllowUnsigned,
+                (Some("deny"), false) => Action::Deny,
+                (Some(a), false) => {
                     return Err(format!(
                         "{at}: action {a:?} is not verify, allow-unsigned or deny"
                     ))
                 }
-                (Some(_), Some(_)) => {
-                    return Err(format!("{at}: public_key goes with action \"verify\" only"))
+                (Some(_), true) => {
+                    return Err(format!(
+                        "{at}: public_key and keyless identities go with action \"verify\" only"
+                    ))
                 }
-                (None, None) => return Err(format!("{at}: needs public_key or action")),
+                (None, false) => {
+                    return Err(format!(
+                        "{at}: needs public_key, a keyless identity (issuer + identity or identity_regexp) or action"
+                    ))
+                }
             };
             rules.push(Rule {
                 // Names are matched in canonical form (lower case, no default port, …).
@@ -377,6 +558,59 @@ pub fn verify_bundle(
     Ok(key)
 }
 
+/// A DSSE bundle must carry cosign's signing statement (an attestation is not a signature); a
+/// bundle with a message signature is a signature by construction.
+fn signing_statement_only(bundle: &[u8]) -> Result<(), String> {
+    let b: Bundle =
+        serde_json::from_slice(bundle).map_err(|e| format!("not a sigstore bundle: {e}"))?;
+    let Some(env) = b.dsse_envelope else {
+        return Ok(());
+    };
+    if env.payload_type != INTOTO_PAYLOAD_TYPE {
+        return Err(format!(
+            "the DSSE payload type is {:?}, not {INTOTO_PAYLOAD_TYPE:?}",
+            clip(&env.payload_type, 128)
+        ));
+    }
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(env.payload.trim())
+        .map_err(|e| format!("DSSE payload is not base64: {e}"))?;
+    let statement: Statement = serde_json::from_slice(&payload)
+        .map_err(|e| format!("DSSE payload is not an in-toto statement: {e}"))?;
+    match statement.predicate_type.as_deref() {
+        Some(COSIGN_SIGN_PREDICATE) => Ok(()),
+        other => Err(format!(
+            "the bundle is an attestation ({}), not a signature ({COSIGN_SIGN_PREDICATE})",
+            clip(other.unwrap_or("no predicateType"), 128)
+        )),
+    }
+}
+
+/// Checks a sigstore bundle as a keyless signature over `digest` (`sha256:<hex>`) by one of the
+/// rule's keyless identities, against its trust root (`sigstore-verify`: certificate chain valid
+/// at signing time, SCTs, Rekor entry and proofs, timestamps). Returns the identity's name.
+pub fn verify_keyless(bundle: &[u8], signers: &Signers, digest: &str) -> Result<String, String> {
+    use super::keyless::{parse_digest, verify, Signer, Subject};
+    let Some(trust) = &signers.trust else {
+        return Err("the rule names no keyless identity".into());
+    };
+    let text = std::str::from_utf8(bundle).map_err(|_| "the bundle is not UTF-8".to_owned())?;
+    signing_statement_only(bundle)?;
+    let d = parse_digest(digest).ok_or_else(|| format!("{digest:?} is not a sha256 digest"))?;
+    let mut why = Vec::new();
+    for k in &signers.keyless {
+        let signer = Signer::Keyless {
+            issuer: k.issuer.clone(),
+            identity: k.identity.clone(),
+        };
+        match verify(text, Subject::Sha256(d), &signer, &trust.root) {
+            Ok(_) => return Ok(k.name()),
+            Err(e) => why.push(format!("{}: {}", k.name(), clip(&e, 300))),
+        }
+    }
+    Err(why.join("; "))
+}
+
 /// `s` cut to at most `max` bytes (on a character boundary), marked when cut.
 fn clip(s: &str, max: usize) -> String {
     super::error::clip(s, max)
@@ -406,7 +640,22 @@ mod tests {
             assert!(e.contains(want), "{e}");
         };
         bad("", "no [[rule]]");
-        bad("[[rule]]\nmatch = \"*\"\n", "needs public_key or action");
+        bad(
+            "[[rule]]\nmatch = \"*\"\n",
+            "needs public_key, a keyless identity",
+        );
+        bad(
+            "[[rule]]\nmatch = \"*\"\nissuer = \"https://i\"\n",
+            "issuer needs identity or identity_regexp",
+        );
+        bad(
+            "[[rule]]\nmatch = \"*\"\nissuer = \"https://i\"\nidentity_regexp = \"(\"\n",
+            "identity_regexp",
+        );
+        bad(
+            "[[rule]]\nmatch = \"*\"\nissuer = \"https://i\"\nidentity = \"a\"\ntrusted_root = \"missing.json\"\n",
+            "missing.json",
+        );
         bad(
             "[[rule]]\nmatch = \"*\"\naction = \"maybe\"\n",
             "is not verify",

@@ -365,6 +365,45 @@ impl Registry {
         self.push_manifest(repo, tag, manifest_type, &m).await
     }
 
+    /// Pushes `bundle` (a sigstore bundle) as an OCI 1.1 referrer of `subject` in `repo`, the
+    /// way cosign v3 does on a registry without the referrers API (the referrers tag schema).
+    pub async fn push_bundle_referrer(&self, repo: &str, subject: &str, bundle: &[u8]) {
+        const BUNDLE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+        let empty = b"{}".to_vec();
+        let cd = self.push_blob(repo, &empty).await;
+        let ld = self.push_blob(repo, bundle).await;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": BUNDLE,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cd, "size": 2},
+            "layers": [{"mediaType": BUNDLE, "digest": ld, "size": bundle.len()}],
+            "subject": {"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": subject, "size": 0},
+        }))
+        .unwrap();
+        let md = format!("sha256:{}", sha256_hex(&manifest));
+        let size = manifest.len();
+        self.push_manifest_bytes(
+            repo,
+            &md,
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest,
+        )
+        .await;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": size, "artifactType": BUNDLE}],
+        });
+        self.push_manifest(
+            repo,
+            &subject.replace(':', "-"),
+            "application/vnd.oci.image.index.v1+json",
+            &index,
+        )
+        .await;
+    }
+
     /// How many blob GETs the registry served for `repo` (from its access log).
     pub fn blob_gets(&self, repo: &str) -> usize {
         let needle = format!("\"GET /v2/{repo}/blobs/sha256:");

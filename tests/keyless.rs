@@ -48,6 +48,47 @@ async fn push_signed(reg: &Registry, repo: &str, bundle: &str) -> String {
     digest
 }
 
+/// Pushes the signed artifact to `repo:v1` with cosign's legacy keyless signature: the
+/// `sha256-<hex>.sig` manifest whose simple-signing layer carries the signature, the
+/// certificate and the Rekor bundle in annotations.
+async fn push_legacy(reg: &Registry, repo: &str) {
+    use base64::Engine;
+    reg.push_blob(repo, &read("config.json")).await;
+    reg.push_blob(repo, &read("module.wasm")).await;
+    let digest = reg
+        .push_manifest_bytes(
+            repo,
+            "v1",
+            "application/vnd.oci.image.manifest.v1+json",
+            read("manifest.json"),
+        )
+        .await;
+    let legacy: serde_json::Value = serde_json::from_slice(&read("legacy-sig.json")).unwrap();
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(legacy["payload"].as_str().unwrap())
+        .unwrap();
+    let config = b"{}".to_vec();
+    let cd = reg.push_blob(repo, &config).await;
+    let ld = reg.push_blob(repo, &payload).await;
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    let m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": mt,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{
+            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+            "digest": ld, "size": payload.len(),
+            "annotations": {
+                "dev.cosignproject.cosign/signature": legacy["signature"],
+                "dev.sigstore.cosign/certificate": legacy["certificate"],
+                "dev.sigstore.cosign/bundle": legacy["bundle"],
+            }
+        }],
+    });
+    let tag = format!("{}.sig", digest.replace(':', "-"));
+    reg.push_manifest(repo, &tag, mt, &m).await;
+}
+
 /// A policy with one keyless rule for `pattern`.
 fn policy(dir: &Path, pattern: &str, identity_line: &str, issuer: &str, root: &str) -> PathBuf {
     let p = dir.join(format!(
@@ -85,6 +126,63 @@ fn fetch(url: &str, insecure: &str, policy: &Path, cache: &Path) -> Output {
 
 const GOOD_REGEXP: &str =
     "identity_regexp = \"^https://github.com/example-org/wasm-plugins/.github/workflows/.+@refs/tags/v.+$\"";
+
+/// cosign's legacy keyless layout (certificate and Rekor bundle in the `.sig` layer's annotations).
+#[tokio::test]
+async fn legacy_keyless_signatures() {
+    let reg = Registry::plain().await;
+    push_legacy(&reg, "kl/legacy").await;
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = format!("{}/kl/*", reg.addr);
+    let good = policy(
+        dir.path(),
+        &pattern,
+        GOOD_REGEXP,
+        &issuer(),
+        "trusted_root.json",
+    );
+    let out = fetch(
+        &reg.url("kl/legacy:v1"),
+        &reg.addr,
+        &good,
+        &dir.path().join("c1"),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let wrong = policy(
+        dir.path(),
+        &pattern,
+        "identity = \"someone@example.com\"",
+        &issuer(),
+        "trusted_root.json",
+    );
+    let out = fetch(
+        &reg.url("kl/legacy:v1"),
+        &reg.addr,
+        &wrong,
+        &dir.path().join("c2"),
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("identity mismatch"), "{}", text(&out));
+    let expired = policy(
+        dir.path(),
+        &pattern,
+        GOOD_REGEXP,
+        &issuer(),
+        "trusted_root_expired.json",
+    );
+    let out = fetch(
+        &reg.url("kl/legacy:v1"),
+        &reg.addr,
+        &expired,
+        &dir.path().join("c3"),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no trusted certificate authority"),
+        "{}",
+        text(&out)
+    );
+}
 
 #[tokio::test]
 async fn keyless_signatures_on_oci_modules() {

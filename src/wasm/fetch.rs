@@ -22,7 +22,9 @@ use super::mirrors::Source;
 use super::oci::{OciFetcher, Resolved};
 use super::options::{CacheConfig, Matched, Module};
 use super::secret;
-use super::signature::{verify_bundle, verify_keyless, verify_payload, Action, VerifyPolicy};
+use super::signature::{
+    verify_bundle, verify_keyless, verify_legacy_keyless, verify_payload, Action, VerifyPolicy,
+};
 use super::store::{sha256_file, Store, TempFile};
 use super::unbox::{self, Boxing};
 use super::url::OciRef;
@@ -494,23 +496,25 @@ impl Fetcher {
                 }
                 Err(e) => tracing::debug!(url = %shown, error = %e, "no sigstore bundle"),
             }
-            // Cosign's legacy layout: the sha256-<hex>.sig tag (key signatures).
-            if keys.is_empty() {
-                continue;
+            // Cosign's legacy layout: the sha256-<hex>.sig tag (key signatures, and keyless
+            // ones with their certificate and Rekor bundle in annotations).
+            let mut checks = Vec::new();
+            match self.oci.signatures(resolved, digest).await {
+                Ok(sigs) => {
+                    for sig in &sigs {
+                        if !keys.is_empty() {
+                            checks.push(verify_payload(&sig.payload, &sig.signature, keys, digest));
+                        }
+                        if !signers.keyless.is_empty() {
+                            checks.push(verify_legacy_keyless(sig, signers, digest));
+                        }
+                    }
+                }
+                Err(e) => checks.push(Err(e)),
             }
-            let checks = match self.oci.signatures(resolved, digest).await {
-                Ok(sigs) => sigs
-                    .iter()
-                    .map(|(payload, sig)| verify_payload(payload, sig, keys, digest))
-                    .collect(),
-                Err(e) => vec![Err(e)],
-            };
             if let Some(v) = passed("legacy .sig", digest, checks) {
                 return Ok(Some(v));
             }
-        }
-        if why.is_empty() {
-            why.push("no sigstore bundle found for the image".into());
         }
         why.dedup();
         why.truncate(8);

@@ -496,7 +496,7 @@ impl OciFetcher {
         &self,
         r: &Resolved,
         digest: &str,
-    ) -> Result<Vec<(Vec<u8>, String)>, String> {
+    ) -> Result<Vec<signature::LegacySig>, String> {
         const MAX_PAYLOAD: u64 = 256 << 10;
         let tag = format!("{}.sig", digest.replace(':', "-"));
         let sig_ref = Reference::with_tag(
@@ -536,7 +536,13 @@ impl OciFetcher {
                 continue;
             };
             if let Some(payload) = small_blob(&r.client, &sig_ref, layer, MAX_PAYLOAD).await {
-                out.push((payload, sig.clone()));
+                let note = |k: &str| layer.annotations.get(k).cloned();
+                out.push(signature::LegacySig {
+                    payload,
+                    signature: sig.clone(),
+                    certificate: note(signature::CERTIFICATE_ANNOTATION),
+                    rekor_bundle: note(signature::REKOR_BUNDLE_ANNOTATION),
+                });
             }
         }
         if out.is_empty() {

@@ -35,6 +35,22 @@ pub const BUNDLE_TYPES: &[&str] = &[
 pub const SIMPLESIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 /// Annotation holding the base64 DER signature.
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+/// Keyless legacy signatures: the signing certificate (PEM).
+pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
+/// Keyless legacy signatures: Rekor's signed entry timestamp and entry (cosign's JSON).
+pub const REKOR_BUNDLE_ANNOTATION: &str = "dev.sigstore.cosign/bundle";
+
+/// One layer of cosign's legacy `sha256-<hex>.sig` manifest.
+#[derive(Debug, Clone)]
+pub struct LegacySig {
+    /// The simple-signing payload.
+    pub payload: Vec<u8>,
+    /// Base64 signature over the payload.
+    pub signature: String,
+    /// Keyless: the certificate (PEM) and the Rekor bundle annotation.
+    pub certificate: Option<String>,
+    pub rekor_bundle: Option<String>,
+}
 
 /// What a rule requires.
 #[derive(Debug, Clone)]
@@ -419,6 +435,12 @@ pub fn verify_payload(
             let names: Vec<&str> = keys.iter().map(|(n, _)| n.as_str()).collect();
             format!("no signature verifies with {}", names.join(", "))
         })?;
+    check_simplesigning(payload, digest)?;
+    Ok(key)
+}
+
+/// A cosign simple-signing payload of type "cosign container image signature" naming `digest`.
+fn check_simplesigning(payload: &[u8], digest: &str) -> Result<(), String> {
     let p: Payload = serde_json::from_slice(payload)
         .map_err(|e| format!("signed payload is not a cosign simple-signing payload: {e}"))?;
     // Case as cosign compares it (it lower-cases before comparing).
@@ -437,7 +459,122 @@ pub fn verify_payload(
             p.critical.image.digest
         ));
     }
-    Ok(key)
+    Ok(())
+}
+
+/// cosign's `dev.sigstore.cosign/bundle` annotation.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RekorAnnotation {
+    signed_entry_timestamp: String,
+    payload: RekorAnnotationPayload,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RekorAnnotationPayload {
+    body: String,
+    integrated_time: i64,
+    log_index: i64,
+    #[serde(rename = "logID")]
+    log_id: String,
+}
+
+/// A legacy keyless `.sig` layer as the sigstore bundle v0.1 it amounts to: a message signature
+/// over the payload, the leaf certificate, and the log entry with its signed entry timestamp.
+fn legacy_bundle(sig: &LegacySig) -> Result<String, String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let cert_pem = sig
+        .certificate
+        .as_deref()
+        .ok_or("no certificate annotation (a key signature, not a keyless one)")?;
+    let cert_der = pem_body(cert_pem, "CERTIFICATE")?;
+    let annotation = sig
+        .rekor_bundle
+        .as_deref()
+        .ok_or("no Rekor bundle annotation (the signature was not logged)")?;
+    let rekor: RekorAnnotation = serde_json::from_str(annotation)
+        .map_err(|e| format!("the Rekor bundle annotation: {e}"))?;
+    let body = b64
+        .decode(rekor.payload.body.trim())
+        .map_err(|e| format!("the logged entry is not base64: {e}"))?;
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct KindVersion {
+        kind: String,
+        api_version: String,
+    }
+    let kv: KindVersion =
+        serde_json::from_slice(&body).map_err(|e| format!("the logged entry: {e}"))?;
+    let log_id =
+        hex::decode(&rekor.payload.log_id).map_err(|e| format!("the log ID is not hex: {e}"))?;
+    let digest = super::verify::sha256_bytes(&sig.payload);
+    serde_json::to_string(&serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.bundle+json;version=0.1",
+        "verificationMaterial": {
+            "x509CertificateChain": {"certificates": [{"rawBytes": b64.encode(&cert_der)}]},
+            "tlogEntries": [{
+                "logIndex": rekor.payload.log_index.to_string(),
+                "logId": {"keyId": b64.encode(&log_id)},
+                "kindVersion": {"kind": kv.kind, "version": kv.api_version},
+                "integratedTime": rekor.payload.integrated_time.to_string(),
+                "inclusionPromise": {"signedEntryTimestamp": rekor.signed_entry_timestamp},
+                "canonicalizedBody": rekor.payload.body,
+            }],
+        },
+        "messageSignature": {
+            "messageDigest": {"algorithm": "SHA2_256", "digest": b64.encode(digest)},
+            "signature": sig.signature.trim(),
+        },
+    }))
+    .map_err(|e| e.to_string())
+}
+
+/// The DER inside the first PEM block labelled `label`.
+fn pem_body(pem: &str, label: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let begin = format!("-----BEGIN {label}-----");
+    let body: String = pem
+        .lines()
+        .skip_while(|l| l.trim() != begin)
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    if body.is_empty() {
+        return Err(format!("no PEM {label} block"));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .map_err(|e| format!("bad PEM {label}: {e}"))
+}
+
+/// Checks a legacy keyless `.sig` layer (cosign before bundles): the certificate, log entry and
+/// signature through `sigstore-verify` against one of the rule's keyless identities, and the
+/// payload naming `digest`. Returns the identity's name.
+pub fn verify_legacy_keyless(
+    sig: &LegacySig,
+    signers: &Signers,
+    digest: &str,
+) -> Result<String, String> {
+    use super::keyless::{verify, Signer, Subject};
+    let Some(trust) = &signers.trust else {
+        return Err("the rule names no keyless identity".into());
+    };
+    let bundle = legacy_bundle(sig)?;
+    check_simplesigning(&sig.payload, digest)?;
+    let mut why = Vec::new();
+    for k in &signers.keyless {
+        let signer = Signer::Keyless {
+            issuer: k.issuer.clone(),
+            identity: k.identity.clone(),
+        };
+        match verify(&bundle, Subject::Bytes(&sig.payload), &signer, &trust.root) {
+            Ok(_) => return Ok(k.name()),
+            Err(e) => why.push(format!("{}: {}", k.name(), clip(&e, 300))),
+        }
+    }
+    Err(why.join("; "))
 }
 
 #[derive(Deserialize)]

@@ -13,6 +13,9 @@
 //	oci-expired-no-timestamp.sigstore.json   logged after the certificate expired, no TSA stamp
 //	oci-tampered-log.sigstore.json           the log entry's body altered
 //	module.wasm.sigstore.json                DSSE over the module's sha256 (HTTP modules)
+//	legacy-sig.json                          cosign's legacy keyless .sig layer for the manifest:
+//	                                         simple-signing payload, signature, certificate and
+//	                                         the Rekor bundle annotation
 //	identity.txt, issuer.txt                 who signed
 package main
 
@@ -21,6 +24,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -231,5 +235,52 @@ func main() {
 	http, err := vs.AttestAtTime(identity, issuer, statement(sum(module)), soon, false)
 	must(err)
 	write("module.wasm.sigstore.json", bundleJSON(vs, http, true))
+	// cosign's legacy keyless layout: a simple-signing payload signed by the certificate's key,
+	// the entry's signed timestamp in the `dev.sigstore.cosign/bundle` annotation.
+	payload, err := json.Marshal(map[string]any{
+		"critical": map[string]any{
+			"identity": map[string]string{"docker-reference": "registry.example/kl/mod"},
+			"image":    map[string]string{"docker-manifest-digest": "sha256:" + digest},
+			"type":     "cosign container image signature",
+		},
+		"optional": nil,
+	})
+	must(err)
+	legacy, err := vs.SignAtTime(identity, issuer, payload, soon)
+	must(err)
+	vc, err := legacy.VerificationContent()
+	must(err)
+	sc, err := legacy.SignatureContent()
+	must(err)
+	entries, err := legacy.TlogEntries()
+	must(err)
+	tle := entries[0].TransparencyLogEntry()
+	logID, err := vs.RekorLogID()
+	must(err)
+	rp := tlog.RekorPayload{
+		Body:           base64.StdEncoding.EncodeToString(tle.CanonicalizedBody),
+		IntegratedTime: tle.IntegratedTime,
+		LogIndex:       1,
+		LogID:          logID,
+	}
+	set, err := vs.RekorSignPayload(rp)
+	must(err)
+	annotation, err := json.Marshal(map[string]any{
+		"SignedEntryTimestamp": base64.StdEncoding.EncodeToString(set),
+		"Payload": map[string]any{
+			"body": rp.Body, "integratedTime": rp.IntegratedTime, "logIndex": rp.LogIndex, "logID": rp.LogID,
+		},
+	})
+	must(err)
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: vc.Certificate().Raw})
+	legacyJSON, err := json.MarshalIndent(map[string]string{
+		"payload":     base64.StdEncoding.EncodeToString(payload),
+		"signature":   base64.StdEncoding.EncodeToString(sc.Signature()),
+		"certificate": string(certPEM),
+		"bundle":      string(annotation),
+	}, "", "  ")
+	must(err)
+	write("legacy-sig.json", legacyJSON)
+
 	fmt.Printf("manifest digest sha256:%s, module sha256:%s\n", digest, sum(module))
 }

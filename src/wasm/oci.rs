@@ -2,15 +2,21 @@
 //! fetches only manifests (and picks the Wasm-bearing image out of an index), then
 //! [`OciFetcher::download`] pulls the one layer and extracts the module.
 //!
-//! Layouts accepted (first match wins):
-//! * Wasm artifact: a layer of type `application/vnd.module.wasm.content.layer.v1+wasm`
-//!   (Solo/Istio) or `application/vnd.wasm.content.layer.v1+wasm` (CNCF); the blob is the module;
-//! * Docker image: the last layer, a tar.gz holding `plugin.wasm`;
-//! * OCI image: the last layer, `application/vnd.oci.image.layer.v1.tar(+gzip)` holding `plugin.wasm`.
+//! The module is chosen by **content, not by label** (how a Wasm module sits in an image is not
+//! settled; fetchers that trust one label break):
+//! 1. layers a label marks as a module — a media type naming Wasm
+//!    (`application/vnd.module.wasm.content.layer.v1+wasm` of Istio/Solo,
+//!    `application/vnd.wasm.content.layer.v1+wasm` of wasm-to-oci, `application/wasm` of the CNCF
+//!    layout, any `…+wasm`) or an `org.opencontainers.image.title` ending in `.wasm` (ORAS) — in
+//!    any position among other layers; the one titled `plugin.wasm` when there are several. Its
+//!    bytes are sniffed: the Wasm magic, gzip or tar, in that order;
+//! 2. otherwise the image rule: tar / tar+gzip layers from the last one back, the first holding
+//!    `plugin.wasm` (or a single `*.wasm`) wins, earlier layers are ignored;
+//! 3. nothing fits: the error names every layer's media type and size.
 //!
-//! An index is resolved without assuming a CPU architecture: Wasm is architecture-free, so
-//! entries that say wasm/wasi come first, attestation entries are skipped, and the first
-//! image that holds a module wins.
+//! An index: the entries whose platform says Wasm (`wasm`, `wasip1`, `wasip2` in architecture or
+//! os, or a Wasm artifact type) are tried; an index with a single (non-attestation) entry is used
+//! as it is; otherwise the error lists the platforms found.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -38,8 +44,10 @@ use crate::errors::describe_reqwest;
 pub const WASM_LAYER_SOLO: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
 pub const WASM_LAYER_CNCF: &str = "application/vnd.wasm.content.layer.v1+wasm";
 const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+/// The CNCF Wasm OCI artifact layout's layer (TAG Runtime; `wkg`, the `oci-wasm` crate).
+pub const WASM_LAYER_BARE: &str = "application/wasm";
 
 /// Index entries whose manifests are pulled, at most, looking for a module.
 const MAX_INDEX_TRIES: usize = 16;
@@ -90,10 +98,39 @@ struct Platform {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Extract {
-    Raw,
-    TarGz,
-    Tar,
+    /// A layer marked as the module: whatever its bytes say (Wasm, gzip, tar).
+    Module,
+    /// An image layer: tar or tar+gzip (by content) holding `plugin.wasm` or a single `*.wasm`.
+    Image,
 }
+
+/// Media types that name a module.
+fn marks_module(d: &RawDesc) -> bool {
+    let t = d.media_type.as_str();
+    t == WASM_LAYER_SOLO
+        || t == WASM_LAYER_CNCF
+        || t == WASM_LAYER_BARE
+        || t.ends_with("+wasm")
+        || title(d).is_some_and(|n| n.ends_with(".wasm"))
+}
+
+fn title(d: &RawDesc) -> Option<&str> {
+    d.annotations
+        .get("org.opencontainers.image.title")
+        .map(String::as_str)
+}
+
+/// Layer media types of images (tar, tar+gzip, Docker's rootfs layers).
+fn is_image_layer(d: &RawDesc) -> bool {
+    let t = d.media_type.as_str();
+    t == DOCKER_LAYER_GZIP
+        || t == DOCKER_LAYER_TAR
+        || t.starts_with(OCI_LAYER_TAR)
+        || t == "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+}
+
+/// Image layers tried at most, from the last one back.
+const MAX_IMAGE_LAYERS: usize = 8;
 
 /// A manifest resolved to the layer that holds the module.
 pub struct Resolved {
@@ -101,7 +138,8 @@ pub struct Resolved {
     reference: Reference,
     /// The credentials the manifest was fetched with (signatures are fetched with them too).
     auth: RegistryAuth,
-    layer: OciDescriptor,
+    /// The layers to try, in order (one for a marked module layer).
+    layers: Vec<OciDescriptor>,
     extract: Extract,
     /// Digest (`sha256:…`) of the image manifest that holds the module.
     pub digest: String,
@@ -140,41 +178,71 @@ fn is_transport(e: &OciDistributionError) -> bool {
     matches!(e, OciDistributionError::RequestError(r) if r.is_connect() || r.is_request() || r.is_timeout())
 }
 
-fn find_layer(m: &RawManifest) -> Result<(RawDesc, Extract), String> {
+/// The layers to try for the module, in order, and how to read them (see the module docs).
+fn find_layer(m: &RawManifest) -> Result<(Vec<RawDesc>, Extract), String> {
     if m.layers.len() > MAX_LAYERS {
         return Err(format!(
             "the manifest lists {} layers, more than the {MAX_LAYERS} a Wasm image may have",
             m.layers.len()
         ));
     }
-    if let Some(l) = m
+    let marked: Vec<&RawDesc> = m.layers.iter().filter(|l| marks_module(l)).collect();
+    match marked.as_slice() {
+        [one] => return Ok((vec![(*one).clone()], Extract::Module)),
+        [] => {}
+        several => {
+            return match several.iter().find(|l| title(l) == Some("plugin.wasm")) {
+                Some(l) => Ok((vec![(*l).clone()], Extract::Module)),
+                None => Err(format!(
+                    "{} layers are marked as a module and none is titled plugin.wasm: {}",
+                    several.len(),
+                    describe(several.iter().copied())
+                )),
+            }
+        }
+    }
+    let images: Vec<RawDesc> = m
         .layers
         .iter()
-        .find(|l| l.media_type == WASM_LAYER_SOLO || l.media_type == WASM_LAYER_CNCF)
-    {
-        return Ok((l.clone(), Extract::Raw));
+        .rev()
+        .filter(|l| is_image_layer(l))
+        .take(MAX_IMAGE_LAYERS)
+        .cloned()
+        .collect();
+    if images.is_empty() {
+        return Err(format!(
+            "no layer holds a module: no Wasm media type or .wasm title, and no tar layer (manifest type {}; layers: {})",
+            m.media_type.as_deref().unwrap_or("unset"),
+            if m.layers.is_empty() {
+                "none".to_owned()
+            } else {
+                describe(m.layers.iter())
+            }
+        ));
     }
-    let last = m.layers.last().ok_or("the manifest has no layers")?;
-    match last.media_type.as_str() {
-        DOCKER_LAYER_GZIP | OCI_LAYER_GZIP => Ok((last.clone(), Extract::TarGz)),
-        OCI_LAYER_TAR => Ok((last.clone(), Extract::Tar)),
-        other => Err(format!(
-            "no layer of type {WASM_LAYER_SOLO} or {WASM_LAYER_CNCF}, and the last layer's type {other:?} is not a tar(.gz) holding plugin.wasm (manifest type {})",
-            m.media_type.as_deref().unwrap_or("unset")
-        )),
-    }
+    Ok((images, Extract::Image))
 }
 
-/// Layer selection on raw manifest JSON, as the fetcher does it: for an image manifest the
-/// digest of the layer holding the module; for an index the digests of the entries to try, in
-/// order. Pure; exposed for the fuzzer and tests.
+/// `type (size bytes)` of each layer, at most 16.
+fn describe<'a>(layers: impl Iterator<Item = &'a RawDesc>) -> String {
+    let all: Vec<String> = layers
+        .map(|l| format!("{} ({} bytes)", l.media_type, l.size))
+        .collect();
+    let n = all.len();
+    let mut out = all.into_iter().take(16).collect::<Vec<_>>().join(", ");
+    if n > 16 {
+        out.push_str(&format!(" and {} more", n - 16));
+    }
+    out
+}
+
 pub fn select_layer(manifest: &[u8]) -> Result<Vec<String>, String> {
     let m: RawManifest =
         serde_json::from_slice(manifest).map_err(|e| format!("unparseable manifest: {e}"))?;
     if m.manifests.is_empty() {
-        return find_layer(&m).map(|(l, _)| vec![l.digest]);
+        return find_layer(&m).map(|(l, _)| l.into_iter().map(|l| l.digest).collect());
     }
-    Ok(candidates(&m)
+    Ok(candidates(&m)?
         .into_iter()
         .take(MAX_INDEX_TRIES)
         .map(|d| d.digest)
@@ -182,10 +250,12 @@ pub fn select_layer(manifest: &[u8]) -> Result<Vec<String>, String> {
 }
 
 /// Index entries in the order they are tried.
-fn candidates(index: &RawManifest) -> Vec<RawDesc> {
+/// The index entries to try (see the module docs): the Wasm ones; else a single entry as it is;
+/// else an error listing the platforms found.
+fn candidates(index: &RawManifest) -> Result<Vec<RawDesc>, String> {
     let wasmish = |d: &RawDesc| {
         d.platform.as_ref().is_some_and(|p| {
-            p.architecture.contains("wasm") || p.os.starts_with("wasi") || p.os == "wasm"
+            p.architecture.contains("wasm") || p.os.starts_with("wasi") || p.os.contains("wasm")
         }) || d
             .artifact_type
             .as_deref()
@@ -197,20 +267,41 @@ fn candidates(index: &RawManifest) -> Vec<RawDesc> {
             .map(String::as_str)
             == Some("attestation-manifest")
     };
-    let mut first: Vec<RawDesc> = index
+    let wasm: Vec<RawDesc> = index
         .manifests
         .iter()
         .filter(|d| wasmish(d))
         .cloned()
         .collect();
-    first.extend(
-        index
-            .manifests
-            .iter()
-            .filter(|d| !wasmish(d) && !attestation(d))
-            .cloned(),
-    );
-    first
+    if !wasm.is_empty() {
+        return Ok(wasm);
+    }
+    let rest: Vec<&RawDesc> = index.manifests.iter().filter(|d| !attestation(d)).collect();
+    match rest.as_slice() {
+        [one] => Ok(vec![(*one).clone()]),
+        [] => Err("the index lists no image".into()),
+        many => {
+            let platforms: Vec<String> = many
+                .iter()
+                .take(16)
+                .map(|d| match &d.platform {
+                    Some(p) => format!("{}/{}", p.os, p.architecture),
+                    None => format!("{} (no platform)", d.digest),
+                })
+                .collect();
+            let more = many.len().saturating_sub(platforms.len());
+            Err(format!(
+                "the index has no Wasm platform (wasm, wasip1, wasip2) among its {} entries: {}{}",
+                many.len(),
+                platforms.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ))
+        }
+    }
 }
 
 impl OciFetcher {
@@ -409,14 +500,17 @@ impl OciFetcher {
         };
         let top = parse(body)?;
         if top.manifests.is_empty() {
-            let (layer, extract) = find_layer(&top).map_err(|reason| FetchError::Layout {
+            let (layers, extract) = find_layer(&top).map_err(|reason| FetchError::Layout {
                 url: shown.to_owned(),
                 reason,
             })?;
-            return self.resolved(client, reference, layer, extract, digest, None, shown);
+            return self.resolved(client, reference, layers, extract, digest, None, shown);
         }
         let mut why = Vec::new();
-        let all = candidates(&top);
+        let all = candidates(&top).map_err(|reason| FetchError::Layout {
+            url: shown.to_owned(),
+            reason,
+        })?;
         if all.len() > MAX_INDEX_TRIES {
             why.push(format!(
                 "{} entries; only the first {MAX_INDEX_TRIES} are tried",
@@ -434,11 +528,11 @@ impl OciFetcher {
                 })?;
             let m = parse(raw.as_ref())?;
             match find_layer(&m) {
-                Ok((layer, extract)) => {
+                Ok((layers, extract)) => {
                     return self.resolved(
                         client,
                         child,
-                        layer,
+                        layers,
                         extract,
                         child_digest,
                         Some(digest),
@@ -459,29 +553,35 @@ impl OciFetcher {
         &self,
         client: Client,
         reference: Reference,
-        layer: RawDesc,
+        layers: Vec<RawDesc>,
         extract: Extract,
         digest: String,
         index_digest: Option<String>,
         shown: &str,
     ) -> Result<Resolved, FetchError> {
-        if layer.size > 0 && layer.size as u64 > self.max_bytes {
-            return Err(FetchError::TooLarge {
-                url: shown.to_owned(),
-                limit: self.max_bytes,
-                what: format!("layer {} declares {} bytes", layer.digest, layer.size),
-            });
+        // A marked module layer that declares more than the cap is refused before any pull.
+        if let (Extract::Module, Some(layer)) = (extract, layers.first()) {
+            if layer.size > 0 && layer.size as u64 > self.max_bytes {
+                return Err(FetchError::TooLarge {
+                    url: shown.to_owned(),
+                    limit: self.max_bytes,
+                    what: format!("layer {} declares {} bytes", layer.digest, layer.size),
+                });
+            }
         }
         Ok(Resolved {
             client,
             reference,
             auth: RegistryAuth::Anonymous,
-            layer: OciDescriptor {
-                media_type: layer.media_type,
-                digest: layer.digest,
-                size: layer.size,
-                ..Default::default()
-            },
+            layers: layers
+                .into_iter()
+                .map(|l| OciDescriptor {
+                    media_type: l.media_type,
+                    digest: l.digest,
+                    size: l.size,
+                    ..Default::default()
+                })
+                .collect(),
             extract,
             digest,
             index_digest,
@@ -624,6 +724,35 @@ impl OciFetcher {
         r: &Resolved,
         store: &Store,
     ) -> Result<TempFile, FetchError> {
+        let mut tried = Vec::new();
+        for layer in &r.layers {
+            match self.download_layer(shown, r, layer, store).await {
+                Ok(module) => return Ok(module),
+                // An image layer without the module: the next one back (the image rule).
+                Err(FetchError::Layout { reason, .. }) if r.extract == Extract::Image => {
+                    tried.push(reason)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(FetchError::Layout {
+            url: shown.to_owned(),
+            reason: format!(
+                "no image layer holds plugin.wasm or a single .wasm ({})",
+                tried.join("; ")
+            ),
+        })
+    }
+
+    /// Pulls one layer (digest-verified by the client, capped) into a temp file and extracts
+    /// the module from it.
+    async fn download_layer(
+        &self,
+        shown: &str,
+        r: &Resolved,
+        layer_desc: &OciDescriptor,
+        store: &Store,
+    ) -> Result<TempFile, FetchError> {
         let io = |e: String| FetchError::Io {
             url: shown.to_owned(),
             reason: e,
@@ -639,27 +768,31 @@ impl OciFetcher {
             limit: self.max_bytes,
             overflowed: false,
         };
-        if let Err(e) = r.client.pull_blob(&r.reference, &r.layer, &mut sink).await {
+        if let Err(e) = r
+            .client
+            .pull_blob(&r.reference, layer_desc, &mut sink)
+            .await
+        {
             if sink.overflowed {
                 return Err(FetchError::TooLarge {
                     url: shown.to_owned(),
                     limit: self.max_bytes,
-                    what: format!("layer {}", r.layer.digest),
+                    what: format!("layer {}", layer_desc.digest),
                 });
             }
             return Err(FetchError::Blob {
                 url: shown.to_owned(),
-                reason: format!("layer {}: {}", r.layer.digest, oci_reason(&e)),
+                reason: format!("layer {}: {}", layer_desc.digest, oci_reason(&e)),
             });
         }
+        let digest = layer_desc.digest.clone();
         let layout = |reason: String| FetchError::Layout {
             url: shown.to_owned(),
-            reason: format!("layer {}: {reason}", r.layer.digest),
+            reason: format!("layer {digest}: {reason}"),
         };
         let boxing = match r.extract {
-            Extract::Raw => Boxing::Raw,
-            Extract::TarGz => Boxing::TarGz,
-            Extract::Tar => Boxing::Tar,
+            Extract::Module => Boxing::Detect,
+            Extract::Image => Boxing::Image,
         };
         let (max, store) = (self.max_bytes, store.clone());
         // gunzip and untar are CPU and disk work: off the async threads.

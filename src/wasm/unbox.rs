@@ -24,6 +24,8 @@ pub enum Boxing {
     Tar,
     /// The body is the module.
     Raw,
+    /// An image layer, tar or tar+gzip by its content: `plugin.wasm` or the only `*.wasm`.
+    Image,
 }
 
 fn open(t: &TempFile) -> Result<BufReader<File>, String> {
@@ -168,6 +170,17 @@ pub fn unbox(store: &Store, raw: TempFile, boxing: Boxing, limit: u64) -> Result
         Boxing::TarGz => {
             let tar = gunzip(store, &raw, limit)?;
             untar(store, &tar, limit, false)
+        }
+        Boxing::Image => {
+            let h = head(&raw)?;
+            if h.starts_with(&GZIP_MAGIC) {
+                let tar = gunzip(store, &raw, limit)?;
+                untar(store, &tar, limit, false)
+            } else if is_tar(&h) {
+                untar(store, &raw, limit, false)
+            } else {
+                Err("the layer is neither tar nor gzip".into())
+            }
         }
         Boxing::Detect => {
             let mut cur = raw;

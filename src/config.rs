@@ -441,6 +441,44 @@ pub struct FetchArgs {
     pub cache: CacheArgs,
 }
 
+/// `ecds-agent import`: modules of an OCI image layout into the cache, with no network.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// An OCI image layout directory, or an oci-archive tar (`skopeo copy … oci:DIR:TAG` /
+    /// `oci-archive:FILE:TAG`, `oras copy --to-oci-layout`).
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+
+    /// The reference each image is imported under (repeat, in the layout's order); default: the
+    /// layout's org.opencontainers.image.ref.name when it is a whole reference.
+    #[arg(long = "as", value_name = "oci://REGISTRY/REPO:TAG")]
+    pub as_refs: Vec<String>,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// `ecds-agent prefetch`: fetch every module named in WasmPlugin / TrafficExtension YAML or a
+/// URL list into the cache (a node warm-up job, an image build step).
+#[derive(Debug, clap::Args)]
+pub struct PrefetchArgs {
+    /// YAML files (one or many documents: WasmPlugin, TrafficExtension), or plain lists of URLs
+    /// (one per line; `#` comments).
+    #[arg(value_name = "FILE", required = true, value_parser = existing_file)]
+    pub files: Vec<PathBuf>,
+
+    /// Docker config JSON file with registry credentials (the content of a .dockerconfigjson secret).
+    #[arg(long, value_parser = existing_file, value_name = "FILE")]
+    pub pull_secret: Option<PathBuf>,
+
+    /// Deadline of each module's fetch.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Duration,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FetchPolicy {
     /// Istio's spelling is accepted too.

@@ -28,6 +28,7 @@ pub mod ecds;
 pub mod errors;
 pub mod fuzzing;
 pub mod metrics;
+pub mod prefetch;
 pub mod proto;
 pub mod wasm;
 pub mod xds;

@@ -36,6 +36,12 @@ enum Command {
     Run(Box<RunArgs>),
     /// Pull one module into the cache and print its path and digest (pre-warm / debug).
     Fetch(Box<FetchArgs>),
+    /// Import the modules of an OCI image layout (directory or oci-archive tar) into the cache
+    /// under their references, with no network (air-gapped clusters).
+    Import(Box<ecds_agent::config::ImportArgs>),
+    /// Fetch every module named in WasmPlugin / TrafficExtension YAML or a URL list into the
+    /// cache (node warm-up, image build); one line per module, exit 1 if any failed.
+    Prefetch(Box<ecds_agent::config::PrefetchArgs>),
     /// Verify a sigstore bundle (keyless identity or public key) over a file or a sha256 digest;
     /// speaks the sigstore-conformance CLI protocol (exit 0 verified, 1 refused).
     VerifyBundle(Box<ecds_agent::config::VerifyBundleArgs>),
@@ -107,6 +113,8 @@ fn main() -> ExitCode {
             Command::Run(args) => run(*args).await,
             Command::Fetch(args) => fetch(*args).await,
             Command::VerifyBundle(args) => verify_bundle(&args),
+            Command::Import(args) => import(*args).await,
+            Command::Prefetch(args) => prefetch(*args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => ecds_agent::demo::run(*args).await.map_err(Failure::Runtime),
         }
@@ -124,6 +132,106 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+async fn import(args: ecds_agent::config::ImportArgs) -> Result<(), Failure> {
+    let cache = open_cache(&args.cache).await?;
+    let results = cache
+        .import_layout(&args.path, &args.as_refs)
+        .await
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("import {}: {e}", args.path.display())))?;
+    let failed = report(&results);
+    cache.save().await;
+    if failed > 0 {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "{failed} of {} image(s) not imported",
+            results.len()
+        )));
+    }
+    Ok(())
+}
+
+/// One line per module (`ok URL sha256 size`, or `failed URL: why`); how many failed.
+fn report(
+    results: &[(
+        String,
+        Result<ecds_agent::wasm::Module, ecds_agent::wasm::FetchError>,
+    )],
+) -> usize {
+    let mut failed = 0;
+    for (url, r) in results {
+        match r {
+            Ok(m) => println!(
+                "ok {} sha256:{} {} bytes",
+                ecds_agent::wasm::error::redact(url),
+                m.sha256,
+                m.size
+            ),
+            Err(e) => {
+                failed += 1;
+                println!("failed {}: {e}", ecds_agent::wasm::error::redact(url));
+            }
+        }
+    }
+    failed
+}
+
+async fn prefetch(args: ecds_agent::config::PrefetchArgs) -> Result<(), Failure> {
+    let mut wanted = Vec::new();
+    for f in &args.files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| Failure::Usage(format!("{}: {e}", f.display())))?;
+        wanted.extend(
+            ecds_agent::prefetch::wanted(&text)
+                .map_err(|e| Failure::Usage(format!("{}: {e}", f.display())))?,
+        );
+    }
+    let pull_secret = match &args.pull_secret {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|e| Failure::Usage(format!("--pull-secret {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let cache = open_cache(&args.cache).await?;
+    let mut failed = 0;
+    for w in &wanted {
+        let started = std::time::Instant::now();
+        let opts = GetOptions {
+            sha256: w.sha256.clone(),
+            resource_name: "ecds-agent-prefetch".into(),
+            resource_version: String::new(),
+            pull_policy: w
+                .pull_policy
+                .as_deref()
+                .map(PullPolicy::from_env)
+                .unwrap_or(PullPolicy::IfNotPresent),
+            pull_secret: pull_secret.clone(),
+            timeout: args.timeout,
+        };
+        let shown = ecds_agent::wasm::error::redact(&w.url);
+        match cache.get(&w.url, opts).await {
+            Ok(m) => println!(
+                "ok {shown} sha256:{} {} bytes {} ms{}",
+                m.sha256,
+                m.size,
+                started.elapsed().as_millis(),
+                if m.fetched { "" } else { " (cached)" }
+            ),
+            Err(e) => {
+                failed += 1;
+                println!("failed {shown}: {e}");
+            }
+        }
+    }
+    cache.save().await;
+    if failed > 0 {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "{failed} of {} module(s) not fetched",
+            wanted.len()
+        )));
+    }
+    Ok(())
 }
 
 fn verify_bundle(args: &ecds_agent::config::VerifyBundleArgs) -> Result<(), Failure> {

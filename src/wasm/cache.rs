@@ -1109,6 +1109,76 @@ impl Cache {
         }
     }
 
+    // ---- air-gapped clusters: OCI image layouts ----
+
+    /// Imports the modules of an OCI image layout (directory or `oci-archive` tar) under their
+    /// references (`given` in order, else the layout's whole ref names): the same layout,
+    /// digest and signature rules as a pull, no network. One result per image.
+    pub async fn import_layout(
+        self: &Arc<Self>,
+        path: &std::path::Path,
+        given: &[String],
+    ) -> Result<Vec<(String, Result<Module, FetchError>)>, String> {
+        use super::import::{references, Layout};
+        let (store, max) = (self.store.clone(), self.cfg.max_module_bytes);
+        let policy = self.cfg.verify.clone();
+        let (path, given) = (path.to_owned(), given.to_vec());
+        let scratch = self.cfg.dir.join("tmp");
+        let prepared = tokio::task::spawn_blocking(move || {
+            let layout = Layout::open(&path, &scratch, max)?;
+            let refs = references(&layout.entries()?, &given)?;
+            Ok::<_, String>(
+                refs.into_iter()
+                    .map(|(digest, url)| {
+                        let r = layout.module(&digest, &url, &store, max, policy.as_deref());
+                        (url, r)
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .map_err(|e| format!("import task failed: {e}"))??;
+        let mut out = Vec::new();
+        for (url, r) in prepared {
+            let shown = redact(&url);
+            let result = match r {
+                Ok(imp) => self.import(imp).await,
+                Err(reason) if reason.starts_with("signature check failed") => {
+                    counter!(m::SIGNATURE_CHECKS, "result" => "failed").increment(1);
+                    Err(FetchError::Signature { url: shown, reason })
+                }
+                Err(reason) => Err(FetchError::Layout { url: shown, reason }),
+            };
+            out.push((url, result.map_err(FetchError::bounded)));
+        }
+        Ok(out)
+    }
+
+    /// Stores one imported module under its reference, as a pull of it would be recorded
+    /// (digests, the signature that admitted it), public on this node: the operator put it
+    /// here for every workload that names it.
+    async fn import(self: &Arc<Self>, imp: super::import::Imported) -> Result<Module, FetchError> {
+        let parsed = ModuleUrl::parse(&imp.url)?;
+        let url = parsed.canonical();
+        let shown = redact(&url);
+        let module = self.store_module(&url, &shown, imp.new).await?;
+        if let Some((digest, fingerprint)) = &imp.signed {
+            self.note_signature(&module.sha256, digest, fingerprint);
+        }
+        if let ModuleUrl::Oci(r) = &parsed {
+            let repo = format!("{}/{}", r.registry, r.repository);
+            self.note_access(&module.sha256, &repo, admission::Access::Public);
+        }
+        {
+            let mut st = self.lock();
+            self.record(&mut st, &url, &module, None);
+            st.index.url_mut(&url).fetched_at_ms = now_ms();
+            st.changed();
+        }
+        self.save().await;
+        Ok(module)
+    }
+
     // ---- the admin view ----
 
     /// Notes when the next background retry for a URL (with its expected sha256) will run.

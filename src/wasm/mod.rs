@@ -33,6 +33,7 @@ mod fetch;
 mod flight;
 pub mod guard;
 pub mod http;
+pub mod import;
 pub mod index;
 pub mod keyless;
 pub mod lease;

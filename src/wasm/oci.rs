@@ -61,31 +61,35 @@ const ACCEPT: &[&str] = &[
     IMAGE_MANIFEST_LIST_MEDIA_TYPE,
 ];
 
+/// A manifest or index as the layout rules read it (also from an OCI image layout: `import`).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawManifest {
-    media_type: Option<String>,
+pub(super) struct RawManifest {
+    pub media_type: Option<String>,
     /// OCI 1.1 artifact type (referrers: signatures, bundles).
     #[serde(default)]
-    artifact_type: Option<String>,
+    pub artifact_type: Option<String>,
     #[serde(default)]
-    manifests: Vec<RawDesc>,
+    pub manifests: Vec<RawDesc>,
     #[serde(default)]
-    layers: Vec<RawDesc>,
+    pub layers: Vec<RawDesc>,
+    /// OCI 1.1: the manifest this one refers to (a signature's image).
+    #[serde(default)]
+    pub subject: Option<RawDesc>,
 }
 
 #[derive(Deserialize, Clone)]
 #[serde(rename_all = "camelCase")]
-struct RawDesc {
+pub(super) struct RawDesc {
     #[serde(default)]
-    media_type: String,
-    digest: String,
+    pub media_type: String,
+    pub digest: String,
     #[serde(default)]
-    size: i64,
+    pub size: i64,
     platform: Option<Platform>,
     #[serde(default)]
-    annotations: HashMap<String, String>,
-    artifact_type: Option<String>,
+    pub annotations: HashMap<String, String>,
+    pub artifact_type: Option<String>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -97,11 +101,21 @@ struct Platform {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Extract {
+pub(super) enum Extract {
     /// A layer marked as the module: whatever its bytes say (Wasm, gzip, tar).
     Module,
     /// An image layer: tar or tar+gzip (by content) holding `plugin.wasm` or a single `*.wasm`.
     Image,
+}
+
+impl Extract {
+    /// How the layer's bytes are unboxed.
+    pub(super) fn boxing(self) -> Boxing {
+        match self {
+            Extract::Module => Boxing::Detect,
+            Extract::Image => Boxing::Image,
+        }
+    }
 }
 
 /// Media types that name a module.
@@ -179,7 +193,7 @@ fn is_transport(e: &OciDistributionError) -> bool {
 }
 
 /// The layers to try for the module, in order, and how to read them (see the module docs).
-fn find_layer(m: &RawManifest) -> Result<(Vec<RawDesc>, Extract), String> {
+pub(super) fn find_layer(m: &RawManifest) -> Result<(Vec<RawDesc>, Extract), String> {
     if m.layers.len() > MAX_LAYERS {
         return Err(format!(
             "the manifest lists {} layers, more than the {MAX_LAYERS} a Wasm image may have",
@@ -252,7 +266,7 @@ pub fn select_layer(manifest: &[u8]) -> Result<Vec<String>, String> {
 /// Index entries in the order they are tried.
 /// The index entries to try (see the module docs): the Wasm ones; else a single entry as it is;
 /// else an error listing the platforms found.
-fn candidates(index: &RawManifest) -> Result<Vec<RawDesc>, String> {
+pub(super) fn candidates(index: &RawManifest) -> Result<Vec<RawDesc>, String> {
     let wasmish = |d: &RawDesc| {
         d.platform.as_ref().is_some_and(|p| {
             p.architecture.contains("wasm") || p.os.starts_with("wasi") || p.os.contains("wasm")
@@ -790,10 +804,7 @@ impl OciFetcher {
             url: shown.to_owned(),
             reason: format!("layer {digest}: {reason}"),
         };
-        let boxing = match r.extract {
-            Extract::Module => Boxing::Detect,
-            Extract::Image => Boxing::Image,
-        };
+        let boxing = r.extract.boxing();
         let (max, store) = (self.max_bytes, store.clone());
         // gunzip and untar are CPU and disk work: off the async threads.
         tokio::task::spawn_blocking(move || unbox::unbox(&store, layer, boxing, max))

@@ -1,0 +1,241 @@
+//! Clusters with no registry: a module exported with skopeo (an OCI image layout directory and an
+//! oci-archive tar, written by a tool not of this project) is imported with `ecds-agent import`
+//! and then served with the registry stopped, through `fetch` and through `run` with ECDS; a
+//! corrupted blob and a layout whose signature fails the policy are refused with nothing stored.
+//! `ecds-agent prefetch` reads WasmPlugin / TrafficExtension YAML and URL lists.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::agent::output_text as text;
+use support::registry::sha256_hex;
+use support::res::{ecds_remote, local_filename, module, Remote};
+use support::xds::{ecds_resp, sotw_ecds};
+use support::{Agent, ControlPlane, Layout, Registry};
+
+fn agent_cmd(args: &[&str], cache: &Path) -> Output {
+    Command::new(support::agent::BIN)
+        .args(args)
+        .arg("--cache-dir")
+        .arg(cache)
+        .output()
+        .unwrap()
+}
+
+fn skopeo(args: &[&str]) {
+    let out = Command::new("skopeo").args(args).output().expect("skopeo");
+    assert!(out.status.success(), "skopeo {args:?}: {}", text(&out));
+}
+
+fn modules_in(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("modules"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_exported_module_is_served_with_the_registry_down() {
+    let mut reg = Registry::plain().await;
+    let w = module("airgap");
+    reg.push("air/mod", "v1", &w, Layout::Artifact).await;
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!("docker://{}/air/mod:v1", reg.addr);
+    let layout = dir.path().join("layout");
+    let archive = dir.path().join("mod.tar");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &src,
+        &format!("oci:{}:v1", layout.display()),
+    ]);
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &src,
+        &format!("oci-archive:{}:v1", archive.display()),
+    ]);
+    let url = reg.url("air/mod:v1");
+    reg.stop();
+
+    // The layout names the image only by tag: --as gives its reference.
+    let cache = dir.path().join("cache");
+    let out = agent_cmd(&["import", layout.to_str().unwrap()], &cache);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--as"), "{}", text(&out));
+    let out = agent_cmd(&["import", layout.to_str().unwrap(), "--as", &url], &cache);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("sha256:{}", sha256_hex(&w))),
+        "{}",
+        text(&out)
+    );
+
+    // Served with no registry: the CLI…
+    let out = agent_cmd(&["fetch", &url, "--timeout", "5s"], &cache);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("source: cache"), "{}", text(&out));
+
+    // …and ECDS, the WasmPlugin unchanged.
+    let mut cp = ControlPlane::start().await;
+    let agent = Agent::builder(&cp.url()).cache_dir(&cache).start().await;
+    let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &["air"]).await;
+    up.send(ecds_resp(
+        "v1",
+        "n1",
+        vec![ecds_remote("air", &url, &Remote::default())],
+    ));
+    let got = envoy.recv().await;
+    let path = local_filename(&got.resources[0]);
+    assert_eq!(sha256_hex(&std::fs::read(path).unwrap()), sha256_hex(&w));
+
+    // The oci-archive form imports the same way.
+    let cache2 = dir.path().join("cache2");
+    let out = agent_cmd(
+        &["import", archive.to_str().unwrap(), "--as", &url],
+        &cache2,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(modules_in(&cache2), 1);
+}
+
+#[tokio::test]
+async fn a_corrupted_or_unsigned_layout_is_refused_and_nothing_is_stored() {
+    let reg = Registry::plain().await;
+    let w = module("airgap-bad");
+    reg.push("air/bad", "v1", &w, Layout::Artifact).await;
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/air/bad:v1", reg.addr),
+        &format!("oci:{}:v1", layout.display()),
+    ]);
+    let url = reg.url("air/bad:v1");
+
+    // A policy that wants a signature the layout does not hold.
+    let key = dir.path().join("k.pem");
+    let pubkey = dir.path().join("k.pub");
+    for args in [
+        vec![
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            key.to_str().unwrap(),
+        ],
+        vec![
+            "ec",
+            "-in",
+            key.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            pubkey.to_str().unwrap(),
+        ],
+    ] {
+        assert!(Command::new("openssl")
+            .args(&args)
+            .output()
+            .unwrap()
+            .status
+            .success());
+    }
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[rule]]\nmatch = \"*\"\npublic_key = \"{}\"\n",
+            pubkey.display()
+        ),
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let out = agent_cmd(
+        &[
+            "import",
+            layout.to_str().unwrap(),
+            "--as",
+            &url,
+            "--verify-policy",
+            policy.to_str().unwrap(),
+        ],
+        &cache,
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("signature check"), "{}", text(&out));
+    assert_eq!(modules_in(&cache), 0);
+
+    // The module's blob altered in the layout: refused as corrupted.
+    let blob = dir.path().join("layout/blobs/sha256").join(sha256_hex(&w));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let out = agent_cmd(&["import", layout.to_str().unwrap(), "--as", &url], &cache);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("does not match its digest"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(modules_in(&cache), 0);
+}
+
+#[tokio::test]
+async fn prefetch_reads_plugins_and_url_lists() {
+    let reg = Registry::plain().await;
+    let (a, b) = (module("pre-a"), module("pre-b"));
+    reg.push("pre/a", "v1", &a, Layout::Artifact).await;
+    reg.push("pre/b", "v1", &b, Layout::Docker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("plugins.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: a}}\nspec:\n  url: {}/pre/a:v1\n---\napiVersion: extensions.istio.io/v1alpha1\nkind: TrafficExtension\nmetadata: {{name: b}}\nspec:\n  wasm:\n    url: oci://{}/pre/b:v1\n",
+            reg.addr, reg.addr
+        ),
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let insecure = ["--insecure-registries", reg.addr.as_str()];
+    let mut args = vec!["prefetch", yaml.to_str().unwrap()];
+    args.extend(insecure);
+    let out = agent_cmd(&args, &cache);
+    assert!(out.status.success(), "{}", text(&out));
+    for w in [&a, &b] {
+        assert!(
+            text(&out).contains(&format!("sha256:{}", sha256_hex(w))),
+            "{}",
+            text(&out)
+        );
+    }
+    assert_eq!(modules_in(&cache), 2);
+
+    // A URL list with one module that does not exist: one line each, exit 1.
+    let list = dir.path().join("urls.txt");
+    std::fs::write(
+        &list,
+        format!(
+            "# warm-up\n{}\n{}\n",
+            reg.url("pre/a:v1"),
+            reg.url("pre/missing:v1")
+        ),
+    )
+    .unwrap();
+    let mut args = vec!["prefetch", list.to_str().unwrap(), "--timeout", "10s"];
+    args.extend(insecure);
+    let out = agent_cmd(&args, &cache);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("(cached)"), "{}", text(&out));
+    assert!(text(&out).contains("failed oci://"), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 of 2 module(s) not fetched"),
+        "{}",
+        text(&out)
+    );
+}

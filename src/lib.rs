@@ -29,6 +29,7 @@ pub mod errors;
 pub mod fuzzing;
 pub mod metrics;
 pub mod prefetch;
+pub mod progress;
 pub mod proto;
 pub mod wasm;
 pub mod xds;

@@ -134,7 +134,105 @@ fn main() -> ExitCode {
     }
 }
 
+/// Downloads over this size are shown (a bar on a terminal, two lines otherwise).
+const SHOW_ABOVE: u64 = 4 << 20;
+
+/// Download progress for the commands a person runs: an indicatif bar on a terminal, plain
+/// lines otherwise (CI, logs); on stderr, so stdout keeps only the results.
+struct CliProgress {
+    tty: bool,
+}
+
+impl ecds_agent::progress::Reporter for CliProgress {
+    fn start(&self, label: &str, total: Option<u64>) -> Box<dyn ecds_agent::progress::Bar> {
+        if self.tty {
+            let pb = match total {
+                Some(t) => indicatif::ProgressBar::new(t),
+                None => indicatif::ProgressBar::no_length(),
+            };
+            pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            ) {
+                pb.set_style(style);
+            }
+            pb.set_message(label.to_owned());
+            Box::new(TtyBar {
+                pb,
+                shown: std::sync::atomic::AtomicBool::new(false),
+            })
+        } else {
+            Box::new(PlainBar {
+                label: label.to_owned(),
+                total,
+                bytes: std::sync::atomic::AtomicU64::new(0),
+                announced: std::sync::atomic::AtomicBool::new(false),
+            })
+        }
+    }
+}
+
+struct TtyBar {
+    pb: indicatif::ProgressBar,
+    shown: std::sync::atomic::AtomicBool,
+}
+
+impl ecds_agent::progress::Bar for TtyBar {
+    fn advance(&self, bytes: u64) {
+        self.pb.inc(bytes);
+        let big = self.pb.length().unwrap_or(0) > SHOW_ABOVE || self.pb.position() > SHOW_ABOVE;
+        if big && !self.shown.swap(true, Ordering::Relaxed) {
+            self.pb
+                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+    }
+    fn finish(&self) {
+        self.pb.finish_and_clear();
+    }
+}
+
+struct PlainBar {
+    label: String,
+    total: Option<u64>,
+    bytes: std::sync::atomic::AtomicU64,
+    announced: std::sync::atomic::AtomicBool,
+}
+
+impl ecds_agent::progress::Bar for PlainBar {
+    fn advance(&self, bytes: u64) {
+        let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let big = self.total.unwrap_or(0) > SHOW_ABOVE || now > SHOW_ABOVE;
+        if big && !self.announced.swap(true, Ordering::Relaxed) {
+            match self.total {
+                Some(t) => eprintln!(
+                    "downloading {} ({:.1} MiB)",
+                    self.label,
+                    t as f64 / 1048576.0
+                ),
+                None => eprintln!("downloading {}", self.label),
+            }
+        }
+    }
+    fn finish(&self) {
+        if self.announced.load(Ordering::Relaxed) {
+            eprintln!(
+                "downloaded {}: {:.1} MiB",
+                self.label,
+                self.bytes.load(Ordering::Relaxed) as f64 / 1048576.0
+            );
+        }
+    }
+}
+
+/// Shows downloads of the command a person runs.
+fn show_progress() {
+    ecds_agent::progress::install(Box::new(CliProgress {
+        tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    }));
+}
+
 async fn import(args: ecds_agent::config::ImportArgs) -> Result<(), Failure> {
+    show_progress();
     let cache = open_cache(&args.cache).await?;
     let results = cache
         .import_layout(&args.path, &args.as_refs)
@@ -193,6 +291,7 @@ async fn prefetch(args: ecds_agent::config::PrefetchArgs) -> Result<(), Failure>
         ),
         None => None,
     };
+    show_progress();
     let cache = open_cache(&args.cache).await?;
     let mut failed = 0;
     for w in &wanted {
@@ -385,6 +484,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
 }
 
 async fn fetch(args: FetchArgs) -> Result<(), Failure> {
+    show_progress();
     let cache = open_cache(&args.cache).await?;
     let pull_secret = match &args.pull_secret {
         Some(p) => Some(

@@ -239,3 +239,65 @@ async fn prefetch_reads_plugins_and_url_lists() {
         text(&out)
     );
 }
+
+/// A valid module of `mib` MiB: the header and one custom section.
+fn big_module(mib: usize) -> Vec<u8> {
+    let body_len = mib << 20;
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    let mut custom = vec![3];
+    custom.extend_from_slice(b"pad");
+    custom.extend(std::iter::repeat_n(0x5au8, body_len));
+    m.push(0);
+    let mut n = custom.len();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            m.push(byte);
+            break;
+        }
+        m.push(byte | 0x80);
+    }
+    m.extend(custom);
+    m
+}
+
+/// Downloads over a few MiB are shown: plain lines on stderr when it is not a terminal (a bar
+/// on a terminal); stdout keeps only the result.
+#[tokio::test]
+async fn large_downloads_are_shown_as_plain_lines_off_a_terminal() {
+    let reg = Registry::plain().await;
+    let w = big_module(6);
+    reg.push("big/mod", "v1", &w, Layout::Artifact).await;
+    let small = module("small-quiet");
+    reg.push("big/small", "v1", &small, Layout::Artifact).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let url = reg.url("big/mod:v1");
+    let out = agent_cmd(&["fetch", &url, "--insecure-registries", &reg.addr], &cache);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("downloading {url} (6.0 MiB)")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("downloaded {url}: 6.0 MiB")),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("downloading"));
+    let out = agent_cmd(
+        &[
+            "fetch",
+            &reg.url("big/small:v1"),
+            "--insecure-registries",
+            &reg.addr,
+        ],
+        &cache,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !text(&out).contains("downloading"),
+        "small downloads stay quiet"
+    );
+}

@@ -230,10 +230,12 @@ impl HttpFetcher {
         };
         let mut hash = Sha256::new();
         let mut len: u64 = 0;
+        let progress = crate::progress::start(shown, resp.content_length());
         let mut chunks = resp.bytes_stream();
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| Attempt::Retry(describe_reqwest(&e)))?;
             len += chunk.len() as u64;
+            progress.advance(chunk.len() as u64);
             if len > limit {
                 return Err(too_large("body kept coming past the limit".into()));
             }

@@ -781,6 +781,10 @@ impl OciFetcher {
             written: 0,
             limit: self.max_bytes,
             overflowed: false,
+            progress: crate::progress::start(
+                shown,
+                u64::try_from(layer_desc.size).ok().filter(|s| *s > 0),
+            ),
         };
         if let Err(e) = r
             .client
@@ -871,6 +875,7 @@ struct CappedSink {
     written: u64,
     limit: u64,
     overflowed: bool,
+    progress: crate::progress::Progress,
 }
 
 impl tokio::io::AsyncWrite for CappedSink {
@@ -887,6 +892,7 @@ impl tokio::io::AsyncWrite for CappedSink {
         match Pin::new(&mut this.file).poll_write(cx, data) {
             Poll::Ready(Ok(n)) => {
                 this.written += n as u64;
+                this.progress.advance(n as u64);
                 Poll::Ready(Ok(n))
             }
             other => other,

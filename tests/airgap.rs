@@ -301,3 +301,92 @@ async fn large_downloads_are_shown_as_plain_lines_off_a_terminal() {
         "small downloads stay quiet"
     );
 }
+
+/// A layout that carries the image's keyless signature as an OCI 1.1 referrer (as `oras copy -r`
+/// exports it) satisfies a keyless rule on import, with no network.
+#[tokio::test]
+async fn a_signature_stored_in_the_layout_counts() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/keyless");
+    let read = |n: &str| std::fs::read(data.join(n)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("layout");
+    let blobs = root.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let hex = sha256_hex(bytes);
+        std::fs::write(blobs.join(&hex), bytes).unwrap();
+        format!("sha256:{hex}")
+    };
+    put(&read("config.json"));
+    put(&read("module.wasm"));
+    let manifest = read("manifest.json");
+    let image = put(&manifest);
+    let empty = put(b"{}");
+    let bundle = read("oci-ok.sigstore.json");
+    let bd = put(&bundle);
+    let bundle_type = "application/vnd.dev.sigstore.bundle.v0.3+json";
+    let referrer = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": bundle_type,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": bundle_type, "digest": bd, "size": bundle.len()}],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image, "size": manifest.len()},
+    }))
+    .unwrap();
+    let rd = put(&referrer);
+    std::fs::write(
+        root.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image,
+                 "size": manifest.len(), "annotations": {"org.opencontainers.image.ref.name": "registry.example/kl/mod:v1"}},
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": rd,
+                 "size": referrer.len(), "artifactType": bundle_type,
+                 "annotations": {"org.opencontainers.image.ref.name": image.replace(':', "-")}},
+            ]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.toml");
+    let rule = |identity: &str| {
+        format!(
+            "[[rule]]\nmatch = \"registry.example/kl/*\"\nissuer = \"{}\"\nidentity = \"{identity}\"\ntrusted_root = \"{}\"\n",
+            String::from_utf8(read("issuer.txt")).unwrap(),
+            data.join("trusted_root.json").display()
+        )
+    };
+    std::fs::write(
+        &policy,
+        rule(&String::from_utf8(read("identity.txt")).unwrap()),
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let args = [
+        "import",
+        root.to_str().unwrap(),
+        "--verify-policy",
+        policy.to_str().unwrap(),
+    ];
+    let out = agent_cmd(&args, &cache);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("ok oci://registry.example/kl/mod:v1"),
+        "{}",
+        text(&out)
+    );
+    // Another identity: refused, nothing stored.
+    std::fs::write(&policy, rule("someone@example.com")).unwrap();
+    let cache2 = dir.path().join("cache2");
+    let out = agent_cmd(&args, &cache2);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("identity mismatch"), "{}", text(&out));
+    assert_eq!(modules_in(&cache2), 0);
+}

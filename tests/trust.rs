@@ -291,3 +291,58 @@ async fn through_ecds_a_cached_module_meets_the_agents_policy() {
         "{m}"
     );
 }
+
+/// A request that names a cached private module's sha256 for another repository (one it may
+/// pull anonymously) does not get the cached bytes: nothing ties them to that repository, so
+/// the pull binds them — and that repository's image is not the module.
+#[tokio::test]
+async fn a_checksum_for_another_repository_does_not_unlock_a_private_module() {
+    let private = Registry::secure().await;
+    let public = Registry::plain().await;
+    let secret_module = module("victim-private");
+    private
+        .push("cred/victim", "v1", &secret_module, Layout::Docker)
+        .await;
+    public
+        .push("open/attacker", "v1", &module("attacker"), Layout::Docker)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, pull_secret(&private.addr, USER, PASS)).unwrap();
+    let out = fetch(
+        &private.url("cred/victim:v1"),
+        &cache,
+        &["--pull-secret", good.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = fetch(
+        &public.url("open/attacker:v1"),
+        &cache,
+        &[
+            "--sha256",
+            &sha256_hex(&secret_module),
+            "--insecure-registries",
+            &public.addr,
+        ],
+    );
+    assert!(!out.status.success(), "served: {}", text(&out));
+    assert!(
+        text(&out).contains("does not match sha256"),
+        "{}",
+        text(&out)
+    );
+    // The victim's module is not recorded as what the attacker's tag gives.
+    let out = fetch(
+        &public.url("open/attacker:v1"),
+        &cache,
+        &["--insecure-registries", &public.addr],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !text(&out).contains(&sha256_hex(&secret_module)),
+        "{}",
+        text(&out)
+    );
+}

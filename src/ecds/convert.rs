@@ -180,6 +180,8 @@ impl Outcome {
                 pin: Pin::Module(module.sha256.clone()),
                 settles: true,
             },
+            // A stand-in replaces the module Envoy ran (its pin goes); with nothing delivered
+            // (nack-only), Envoy keeps running the old one, so its pin stays.
             Outcome::FetchFailed { standin, heal, .. } => Plan {
                 deliver: if standin.is_some() {
                     Deliver::StandIn
@@ -188,7 +190,11 @@ impl Outcome {
                 },
                 nack: true,
                 heal: heal.is_some(),
-                pin: Pin::Release,
+                pin: if standin.is_some() {
+                    Pin::Release
+                } else {
+                    Pin::Keep
+                },
                 settles: false,
             },
             Outcome::Rejected { .. } => Plan {
@@ -528,7 +534,7 @@ mod tests {
                 Nothing,
                 true,
                 true,
-                Pin::Release,
+                Pin::Keep,
                 false,
             ),
             (

@@ -19,8 +19,9 @@
 //! * Authorization: a module pulled with credentials from a repository is handed to a request
 //!   for that repository only after the requester's own credentials were shown to pull it (a
 //!   manifest `HEAD`, remembered for a TTL per credentials and repository). Public modules
-//!   need no check. An HTTP(S) request cannot prove access to a registry's private module: it
-//!   downloads from its own URL instead.
+//!   need no check. A hit found by checksum for a repository (or an HTTP(S) URL) the module never
+//!   came from is not served from the cache: nothing ties the bytes to what was asked for, so
+//!   the request pulls (or downloads) from its own reference, which binds them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -150,20 +151,19 @@ pub fn authorize(
     match url {
         ModuleUrl::Oci(r) => {
             let repo = format!("{}/{}", r.registry, r.repository);
-            match access.get(&repo) {
-                Some(Access::Public) => Authorization::None,
-                // Private, or never pulled from this repository: show it may be pulled.
-                _ => Authorization::Prove(repo),
+            match (access.get(&repo), same_url) {
+                (Some(Access::Public), _) => Authorization::None,
+                // Pulled from this repository with credentials (or an older record that says
+                // nothing, for this very URL): show it may be pulled.
+                (Some(Access::Private), _) | (None, true) => Authorization::Prove(repo),
+                // Found by checksum but never pulled from this repository: nothing ties the
+                // cached bytes to it, so the pull path binds them (manifest, then lookup #2).
+                (None, false) => Authorization::Fetch,
             }
         }
         ModuleUrl::Http(_) if same_url => Authorization::None,
-        ModuleUrl::Http(_) => {
-            if access.values().any(|a| *a == Access::Private) {
-                Authorization::Fetch
-            } else {
-                Authorization::None
-            }
-        }
+        // Another URL naming a cached module's sha256: it downloads from its own URL.
+        ModuleUrl::Http(_) => Authorization::Fetch,
     }
 }
 
@@ -317,6 +317,7 @@ mod tests {
         let private = BTreeMap::from([("r.example/a".to_string(), Access::Private)]);
         let nothing = BTreeMap::new();
         use Authorization::*;
+        let prove = |r: &str| Prove(r.to_string());
         for (access, u, same, want) in [
             (&public, "oci://r.example/a:v1", false, None),
             (&public, "oci://R.Example./a:v1", false, None),
@@ -324,25 +325,20 @@ mod tests {
                 &private,
                 "oci://r.example/a:v1",
                 false,
-                Prove("r.example/a".into()),
+                prove("r.example/a"),
             ),
-            // Public in one repository says nothing about another.
-            (
-                &public,
-                "oci://r.example/b:v1",
-                false,
-                Prove("r.example/b".into()),
-            ),
-            (
-                &nothing,
-                "oci://r.example/a:v1",
-                false,
-                Prove("r.example/a".into()),
-            ),
+            (&private, "oci://r.example/a:v1", true, prove("r.example/a")),
+            // Found by checksum for a repository it never came from: pulled from there instead
+            // (public in one repository says nothing about another).
+            (&public, "oci://r.example/b:v1", false, Fetch),
+            (&nothing, "oci://r.example/a:v1", false, Fetch),
+            // An older record that says nothing, for this very URL: prove.
+            (&nothing, "oci://r.example/a:v1", true, prove("r.example/a")),
             (&private, "https://h.example/m.wasm", false, Fetch),
             (&private, "https://h.example/m.wasm", true, None),
-            (&public, "https://h.example/m.wasm", false, None),
-            (&nothing, "https://h.example/m.wasm", false, None),
+            (&public, "https://h.example/m.wasm", false, Fetch),
+            (&nothing, "https://h.example/m.wasm", false, Fetch),
+            (&nothing, "https://h.example/m.wasm", true, None),
         ] {
             assert_eq!(authorize(access, &url(u), same), want, "{u}");
         }

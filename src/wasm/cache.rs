@@ -332,10 +332,17 @@ impl Cache {
             .increment(1);
         if let Some(hit) = hit {
             let started = Instant::now();
+            let same_url = hit.same_url;
             match self.gate(&parsed, hit, opts, &shown, true).await {
                 Ok(Some(module)) => {
                     if self.hold(&module).await {
-                        self.record(&mut self.lock(), url, &module, Some(opts));
+                        // A hit by checksum refreshes the module's last use, never what this
+                        // URL is recorded to give.
+                        if same_url {
+                            self.record(&mut self.lock(), url, &module, Some(opts));
+                        } else {
+                            self.touch(&module.sha256);
+                        }
                         // A hit only refreshes what the index records (last use, URL,
                         // resource); that is written in the background so a conversion never
                         // waits for an fsync.
@@ -637,6 +644,18 @@ impl Cache {
         let mut hit = self.cached(&sha, matched).await?;
         hit.same_url = same_url;
         Some(hit)
+    }
+
+    /// Marks module `sha` used now.
+    fn touch(&self, sha: &str) {
+        let mut st = self.lock();
+        let now = now_secs();
+        if let Some(e) = st.index.modules.get_mut(sha) {
+            if e.last_used < now {
+                e.last_used = now;
+                st.changed();
+            }
+        }
     }
 
     /// Records `url`'s result in the index (see [`record_url`]).
@@ -1029,6 +1048,21 @@ impl Cache {
     /// Removes modules unused for longer than the expiry, unless a live resource of any
     /// process uses them or a `get` of any process just handed them out.
     pub async fn purge_expired(&self) -> usize {
+        // Holds that ran out stop protecting their modules in other processes too.
+        let republish = {
+            let mut st = self.lock();
+            let before = st.holds.len();
+            let now = Instant::now();
+            st.holds.retain(|_, until| *until > now);
+            (st.holds.len() != before).then(|| {
+                st.pin_generation += 1;
+                (st.pin_generation, st.published())
+            })
+        };
+        if let Some((generation, set)) = republish {
+            let lease = self.lease.clone();
+            let _ = tokio::task::spawn_blocking(move || lease.publish(generation, &set)).await;
+        }
         let foreign = self.foreign_pins().await;
         let victims = {
             let mut st = self.lock();

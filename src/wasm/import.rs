@@ -51,11 +51,33 @@ impl Layout {
             .tempdir_in(scratch)
             .map_err(|e| format!("cannot make a temp directory: {e}"))?;
         let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+        // What an archive may unpack to in all: a few modules' worth.
+        let budget = max.saturating_mul(4);
+        let mut total: u64 = 0;
         for entry in archive
             .entries()
             .map_err(|e| format!("{}: not a tar archive: {e}", path.display()))?
         {
             let mut entry = entry.map_err(|e| format!("{}: {e}", path.display()))?;
+            // Files and directories only: a link could point anywhere (/dev/zero, /etc).
+            let kind = entry.header().entry_type();
+            if !(kind.is_file() || kind.is_dir()) {
+                return Err(format!(
+                    "{}: entry {:?} is neither a file nor a directory",
+                    path.display(),
+                    entry
+                        .path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                ));
+            }
+            total = total.saturating_add(entry.size());
+            if total > budget {
+                return Err(format!(
+                    "{}: unpacks to more than {budget} bytes",
+                    path.display()
+                ));
+            }
             if entry.size() > max {
                 return Err(format!(
                     "{}: entry of {} bytes, over the {max}-byte limit",
@@ -81,12 +103,15 @@ impl Layout {
         Ok(Layout { root, _tmp: tmp })
     }
 
+    /// The path of blob `digest`: a regular file, not a link (a layout directory is input).
     fn blob_path(&self, digest: &str) -> Result<PathBuf, String> {
         let hex = digest
             .strip_prefix("sha256:")
             .filter(|h| super::index::valid_key(h))
             .ok_or_else(|| format!("unsupported digest {digest:?}"))?;
-        Ok(self.root.join("blobs").join("sha256").join(hex))
+        let path = self.root.join("blobs").join("sha256").join(hex);
+        regular(&path).map_err(|e| format!("blob {digest}: {e}"))?;
+        Ok(path)
     }
 
     /// A small blob, checked against its digest.
@@ -115,13 +140,31 @@ impl Layout {
 
     /// `index.json`'s entries.
     pub fn entries(&self) -> Result<Vec<(String, Option<String>)>, String> {
-        let index: RawManifest = serde_json::from_slice(
-            &std::fs::read(self.root.join("index.json")).map_err(|e| format!("index.json: {e}"))?,
-        )
-        .map_err(|e| format!("index.json: {e}"))?;
+        self.index_entries(true)
+    }
+
+    /// `index.json`'s entries; with `images`, without referrers (manifests with a subject).
+    fn index_entries(&self, images: bool) -> Result<Vec<(String, Option<String>)>, String> {
+        let path = self.root.join("index.json");
+        regular(&path).map_err(|e| format!("index.json: {e}"))?;
+        let mut text = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_SMALL_BLOB + 1).read_to_end(&mut text))
+            .map_err(|e| format!("index.json: {e}"))?;
+        if text.len() as u64 > MAX_SMALL_BLOB {
+            return Err(format!("index.json is over {MAX_SMALL_BLOB} bytes"));
+        }
+        let index: RawManifest =
+            serde_json::from_slice(&text).map_err(|e| format!("index.json: {e}"))?;
         Ok(index
             .manifests
             .iter()
+            // Referrers (signatures, SBOMs) are not images to import.
+            .filter(|d| {
+                !images
+                    || d.artifact_type.is_none()
+                    || !self.manifest(&d.digest).is_ok_and(|m| m.subject.is_some())
+            })
             .map(|d| {
                 (
                     d.digest.clone(),
@@ -135,7 +178,7 @@ impl Layout {
 
     /// Every manifest the layout holds (for referrers and `.sig` tags).
     fn all(&self) -> Vec<(Option<String>, RawManifest, String)> {
-        let Ok(entries) = self.entries() else {
+        let Ok(entries) = self.index_entries(false) else {
             return vec![];
         };
         entries
@@ -205,11 +248,16 @@ impl Layout {
             return Err(format!("{len} bytes, over the {max}-byte limit"));
         }
         let raw = store.temp("import", 0o644)?;
-        std::io::copy(
-            &mut std::fs::File::open(&src).map_err(|e| e.to_string())?,
+        let copied = std::io::copy(
+            &mut std::fs::File::open(&src)
+                .map_err(|e| e.to_string())?
+                .take(max.saturating_add(1)),
             &mut &raw.file,
         )
         .map_err(|e| format!("cannot copy the layer: {e}"))?;
+        if copied > max {
+            return Err(format!("over the {max}-byte limit"));
+        }
         let (sha, _) = sha256_file(&raw.path).map_err(|e| e.to_string())?;
         if format!("sha256:{sha}") != layer.digest {
             return Err("the blob does not match its digest (corrupted)".into());
@@ -338,6 +386,16 @@ impl Layout {
             rule.pattern,
             why.join("; ")
         ))
+    }
+}
+
+/// `path` is a regular file (not a link, a device or a directory).
+fn regular(path: &Path) -> Result<(), String> {
+    let m = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    if m.file_type().is_file() {
+        Ok(())
+    } else {
+        Err("not a regular file".into())
     }
 }
 

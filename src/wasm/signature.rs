@@ -179,7 +179,7 @@ struct FileKeyless {
 }
 
 /// One keyless identity of a rule, checked: an issuer, and exactly one of `identity` and
-/// `identity_regexp` (anchored: `^…$` is added when missing).
+/// `identity_regexp` (matched whole: compiled as `^(?:…)$`).
 fn keyless_of(
     issuer: Option<String>,
     identity: Option<String>,
@@ -189,11 +189,8 @@ fn keyless_of(
     let identity = match (identity, identity_regexp) {
         (Some(i), None) => Some(Identity::Exact(i)),
         (None, Some(r)) => {
-            let anchored = format!(
-                "{}{r}{}",
-                if r.starts_with('^') { "" } else { "^" },
-                if r.ends_with('$') { "" } else { "$" }
-            );
+            // The whole identity must match: `a|b` means `^(?:a|b)$`, never `^a|b$`.
+            let anchored = format!("^(?:{r})$");
             Some(Identity::Regex(
                 regex_lite::Regex::new(&anchored)
                     .map_err(|e| format!("identity_regexp {r:?}: {e}"))?,
@@ -765,6 +762,20 @@ mod tests {
         assert!(glob("*/team/*", "h/team/x"));
         assert!(glob("h/x", "h/x") && !glob("h/x", "h/xy"));
         assert!(glob("h/*-wasm", "h/auth-wasm") && !glob("h/*-wasm", "h/auth"));
+    }
+
+    #[test]
+    fn identity_patterns_match_the_whole_identity() {
+        let k = keyless_of(
+            Some("https://issuer".into()),
+            None,
+            Some("a@corp.com|b@corp.com".into()),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(k.identity.matches("a@corp.com") && k.identity.matches("b@corp.com"));
+        assert!(!k.identity.matches("a@corp.com.evil.example"));
+        assert!(!k.identity.matches("x-b@corp.com"));
     }
 
     #[test]

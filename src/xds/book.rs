@@ -124,8 +124,9 @@ pub struct Book {
     known_names: Option<Vec<String>>,
     /// The agent's NACK of the latest upstream nonce, until healed or superseded.
     nacked: Option<Nacked>,
-    /// Agent nonces of background deliveries, with the resource each one healed.
-    healed: Recent<(String, String)>,
+    /// Agent nonces of background deliveries, with the resource each one healed and the
+    /// NACKed nonce it healed for.
+    healed: Recent<(String, String, Option<String>)>,
 }
 
 impl Book {
@@ -164,7 +165,9 @@ impl Book {
 
     /// The agent delivered the healed resource `name` under its own `nonce`.
     pub fn agent_healed(&mut self, nonce: &str, name: &str) {
-        self.healed.push((nonce.to_owned(), name.to_owned()));
+        let for_nack = self.nacked.as_ref().map(|n| n.nonce.clone());
+        self.healed
+            .push((nonce.to_owned(), name.to_owned(), for_nack));
         self.agent_delivered(
             nonce,
             Delivered {
@@ -178,15 +181,18 @@ impl Book {
     /// Envoy accepted the background delivery `nonce`: the NACKed nonce it completes, if every
     /// resource that NACK named now runs in Envoy (and the NACKed nonce is still the latest).
     fn heal_completes(&mut self, nonce: &str) -> Option<String> {
-        let name = self
+        let (name, for_nack) = self
             .healed
             .0
             .iter()
             .rev()
-            .find(|(n, _)| n == nonce)
-            .map(|(_, name)| name.clone())?;
+            .find(|(n, _, _)| n == nonce)
+            .map(|(_, name, f)| (name.clone(), f.clone()))?;
         let nacked = self.nacked.as_mut()?;
-        if self.latest.as_deref() != Some(nacked.nonce.as_str()) {
+        // A delivery made for an older NACK says nothing about the one standing now.
+        if self.latest.as_deref() != Some(nacked.nonce.as_str())
+            || for_nack.as_deref() != Some(nacked.nonce.as_str())
+        {
             return None;
         }
         nacked.pending.remove(&name);
@@ -248,6 +254,11 @@ impl Book {
         }
         let nonce = F::req_nonce(&req).to_owned();
         let error = F::req_error(&req).map(str::to_owned);
+        // Envoy rejected the very response the agent NACKed (a resource the agent delivered
+        // did not load): healing the failed ones can no longer make it an ACK.
+        if error.is_some() && self.nacked.as_ref().is_some_and(|n| n.nonce == nonce) {
+            self.nacked = None;
+        }
         let rejection = error.as_ref().and_then(|message| {
             self.delivered_under(&nonce).map(|what| Rejection {
                 nonce: nonce.clone(),
@@ -524,6 +535,18 @@ mod tests {
         b.upstream_response("n3");
         b.agent_healed("ecds-agent/1/5", "a");
         assert_eq!(up(&mut b, sotw("ecds-agent/1/5", &["a", "b"], None)), None);
+
+        // A delivery made while an older NACK stood does not ACK a newer one.
+        b.upstream_response("n5");
+        let _ = b.agent_nack::<Sotw>("n5", "a failed".into(), &names(&["a"]));
+        b.agent_healed("ecds-agent/1/50", "a");
+        b.upstream_response("n6");
+        let _ = b.agent_nack::<Sotw>("n6", "a failed again".into(), &names(&["a"]));
+        assert_eq!(up(&mut b, sotw("ecds-agent/1/50", &["a", "b"], None)), None);
+        // Envoy rejecting the NACKed response itself: a later heal ACKs nothing.
+        let _ = up(&mut b, sotw("n6", &["a", "b"], Some("b did not load")));
+        b.agent_healed("ecds-agent/1/51", "a");
+        assert_eq!(up(&mut b, sotw("ecds-agent/1/51", &["a", "b"], None)), None);
 
         // A resource Envoy unsubscribes from no longer holds the ACK back; the unsubscribe is
         // reported.

@@ -29,12 +29,6 @@ fn skopeo(args: &[&str]) {
     assert!(out.status.success(), "skopeo {args:?}: {}", text(&out));
 }
 
-fn modules_in(cache: &Path) -> usize {
-    std::fs::read_dir(cache.join("modules"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn an_exported_module_is_served_with_the_registry_down() {
     let mut reg = Registry::plain().await;
@@ -97,7 +91,7 @@ async fn an_exported_module_is_served_with_the_registry_down() {
         &cache2,
     );
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(modules_in(&cache2), 1);
+    assert_eq!(support::modules_in(&cache2), 1);
 }
 
 #[tokio::test]
@@ -167,7 +161,7 @@ async fn a_corrupted_or_unsigned_layout_is_refused_and_nothing_is_stored() {
     );
     assert!(!out.status.success());
     assert!(text(&out).contains("signature check"), "{}", text(&out));
-    assert_eq!(modules_in(&cache), 0);
+    assert_eq!(support::modules_in(&cache), 0);
 
     // The module's blob altered in the layout: refused as corrupted.
     let blob = dir.path().join("layout/blobs/sha256").join(sha256_hex(&w));
@@ -182,7 +176,7 @@ async fn a_corrupted_or_unsigned_layout_is_refused_and_nothing_is_stored() {
         "{}",
         text(&out)
     );
-    assert_eq!(modules_in(&cache), 0);
+    assert_eq!(support::modules_in(&cache), 0);
 }
 
 #[tokio::test]
@@ -214,7 +208,7 @@ async fn prefetch_reads_plugins_and_url_lists() {
             text(&out)
         );
     }
-    assert_eq!(modules_in(&cache), 2);
+    assert_eq!(support::modules_in(&cache), 2);
 
     // A URL list with one module that does not exist: one line each, exit 1.
     let list = dir.path().join("urls.txt");
@@ -388,5 +382,5 @@ async fn a_signature_stored_in_the_layout_counts() {
     let out = agent_cmd(&args, &cache2);
     assert!(!out.status.success());
     assert!(text(&out).contains("identity mismatch"), "{}", text(&out));
-    assert_eq!(modules_in(&cache2), 0);
+    assert_eq!(support::modules_in(&cache2), 0);
 }

@@ -32,8 +32,9 @@ fn issuer() -> String {
     String::from_utf8(read("issuer.txt")).unwrap()
 }
 
-/// Pushes the signed artifact to `repo:v1` byte for byte, and `bundle` as its referrer.
-async fn push_signed(reg: &Registry, repo: &str, bundle: &str) -> String {
+/// Pushes the signed artifact to `repo:v1` byte for byte (its manifest digest is what was
+/// signed); returns that digest.
+async fn push_artifact(reg: &Registry, repo: &str) -> String {
     reg.push_blob(repo, &read("config.json")).await;
     reg.push_blob(repo, &read("module.wasm")).await;
     let digest = reg
@@ -44,6 +45,12 @@ async fn push_signed(reg: &Registry, repo: &str, bundle: &str) -> String {
             read("manifest.json"),
         )
         .await;
+    digest
+}
+
+/// Pushes the signed artifact to `repo:v1`, and `bundle` as its referrer.
+async fn push_signed(reg: &Registry, repo: &str, bundle: &str) -> String {
+    let digest = push_artifact(reg, repo).await;
     reg.push_bundle_referrer(repo, &digest, &read(bundle)).await;
     digest
 }
@@ -53,16 +60,7 @@ async fn push_signed(reg: &Registry, repo: &str, bundle: &str) -> String {
 /// certificate and the Rekor bundle in annotations.
 async fn push_legacy(reg: &Registry, repo: &str) {
     use base64::Engine;
-    reg.push_blob(repo, &read("config.json")).await;
-    reg.push_blob(repo, &read("module.wasm")).await;
-    let digest = reg
-        .push_manifest_bytes(
-            repo,
-            "v1",
-            "application/vnd.oci.image.manifest.v1+json",
-            read("manifest.json"),
-        )
-        .await;
+    let digest = push_artifact(reg, repo).await;
     let legacy: serde_json::Value = serde_json::from_slice(&read("legacy-sig.json")).unwrap();
     let payload = base64::engine::general_purpose::STANDARD
         .decode(legacy["payload"].as_str().unwrap())

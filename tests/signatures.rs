@@ -548,12 +548,6 @@ fn fetch_url(url: &str, insecure: &str, policy: Option<&Path>, cache: &Path) -> 
     cmd.arg("--cache-dir").arg(cache).output().unwrap()
 }
 
-fn cached_modules(cache: &Path) -> usize {
-    std::fs::read_dir(cache.join("modules"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 /// The policy matches the canonical name: every spelling of a registry meets the same rule.
 #[tokio::test]
 async fn every_spelling_of_a_registry_meets_the_same_rule() {
@@ -582,7 +576,7 @@ async fn every_spelling_of_a_registry_meets_the_same_rule() {
             "{url}: the message names the rule: {}",
             text(&out)
         );
-        assert_eq!(cached_modules(&cache), 0, "{url}: nothing stored");
+        assert_eq!(support::modules_in(&cache), 0, "{url}: nothing stored");
     }
 }
 

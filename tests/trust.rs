@@ -44,12 +44,6 @@ fn manifest_heads(reg: &Registry, repo: &str) -> usize {
         .count()
 }
 
-fn modules_in(cache: &Path) -> usize {
-    std::fs::read_dir(cache.join("modules"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_private_module_is_not_handed_to_a_requester_without_credentials() {
     let reg = Registry::secure().await;
@@ -67,7 +61,7 @@ async fn a_private_module_is_not_handed_to_a_requester_without_credentials() {
     let out = fetch(&url, &cache, &["--pull-secret", good.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("source: network"), "{}", text(&out));
-    assert_eq!(modules_in(&cache), 1);
+    assert_eq!(support::modules_in(&cache), 1);
 
     // Tenant B has no credentials for the registry, and tenant C the wrong ones: refused,
     // naming why, without the cached file.
@@ -85,7 +79,7 @@ async fn a_private_module_is_not_handed_to_a_requester_without_credentials() {
         assert!(!text(&out).contains("source: cache"), "{who}");
         assert!(!text(&out).contains(PASS) && !text(&out).contains("not-the-password"));
     }
-    assert_eq!(modules_in(&cache), 1, "nothing written");
+    assert_eq!(support::modules_in(&cache), 1, "nothing written");
 
     // A spelling of the same registry is the same module and the same rule.
     let upper = url.replace("127.0.0.1", "127.000.0.1");
@@ -283,7 +277,7 @@ async fn through_ecds_a_cached_module_meets_the_agents_policy() {
     let got = envoy.recv().await;
     let (_, tc) = open_tec(&got.resources[0]);
     assert!(tc.type_url.ends_with("rbac.v3.RBAC"), "{}", tc.type_url);
-    assert_eq!(modules_in(&cache), 1, "nothing new stored");
+    assert_eq!(support::modules_in(&cache), 1, "nothing new stored");
     let m = agent.metrics().await;
     assert!(
         support::agent::metric_value(&m, "ecds_agent_wasm_signature_checks", "result=\"failed\"")

@@ -599,19 +599,10 @@ impl Cache {
                 module.sha256.clone(),
                 Instant::now() + HOLD.min(self.cfg.expiry),
             );
-            fresh.then(|| {
-                st.pin_generation += 1;
-                (st.pin_generation, st.published())
-            })
+            fresh.then(|| self.publication(&mut st))
         };
-        if let Some((generation, set)) = publish {
-            let lease = self.lease.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err(e) = lease.publish(generation, &set) {
-                    tracing::warn!(error = %e, "cannot publish held modules to other processes");
-                }
-            })
-            .await;
+        if let Some(write) = publish {
+            let _ = tokio::task::spawn_blocking(write).await;
         }
         std::fs::metadata(&module.path).is_ok()
     }
@@ -1054,14 +1045,10 @@ impl Cache {
             let before = st.holds.len();
             let now = Instant::now();
             st.holds.retain(|_, until| *until > now);
-            (st.holds.len() != before).then(|| {
-                st.pin_generation += 1;
-                (st.pin_generation, st.published())
-            })
+            (st.holds.len() != before).then(|| self.publication(&mut st))
         };
-        if let Some((generation, set)) = republish {
-            let lease = self.lease.clone();
-            let _ = tokio::task::spawn_blocking(move || lease.publish(generation, &set)).await;
+        if let Some(write) = republish {
+            let _ = tokio::task::spawn_blocking(write).await;
         }
         let foreign = self.foreign_pins().await;
         let victims = {
@@ -1116,6 +1103,18 @@ impl Cache {
         self.apply(&mut st, change);
     }
 
+    /// The next publication of what this process uses (pins and live holds) to other processes:
+    /// a blocking write, ordered by generation, for the caller to run off the async threads.
+    fn publication(&self, st: &mut State) -> impl FnOnce() + Send + 'static {
+        st.pin_generation += 1;
+        let (generation, set, lease) = (st.pin_generation, st.published(), self.lease.clone());
+        move || {
+            if let Err(e) = lease.publish(generation, &set) {
+                tracing::warn!(error = %e, "cannot publish the modules in use to other processes");
+            }
+        }
+    }
+
     /// Released modules start a fresh expiry; a changed set of modules in use is published to
     /// other processes (off the async threads, in order).
     fn apply(&self, st: &mut State, change: PinChange) {
@@ -1128,15 +1127,7 @@ impl Cache {
         if !change.set_changed {
             return;
         }
-        st.pin_generation += 1;
-        let generation = st.pin_generation;
-        let lease = self.lease.clone();
-        let set = st.published();
-        let write = move || {
-            if let Err(e) = lease.publish(generation, &set) {
-                tracing::warn!(error = %e, "cannot publish pinned modules to other processes");
-            }
-        };
+        let write = self.publication(st);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => drop(rt.spawn_blocking(write)),
             Err(_) => write(),

@@ -87,109 +87,52 @@ pub fn clip(s: &str, max: usize) -> String {
 }
 
 impl FetchError {
-    /// The same error about `url` (a remembered answer given to another request).
-    pub fn with_url(self, url: &str) -> Self {
-        let mut e = self;
-        match &mut e {
-            FetchError::BadUrl { url: u, .. }
-            | FetchError::Download { url: u, .. }
-            | FetchError::Timeout { url: u, .. }
-            | FetchError::Manifest { url: u, .. }
-            | FetchError::Auth { url: u, .. }
-            | FetchError::Layout { url: u, .. }
-            | FetchError::Blob { url: u, .. }
-            | FetchError::Signature { url: u, .. }
-            | FetchError::Checksum { url: u, .. }
-            | FetchError::Invalid { url: u, .. }
-            | FetchError::TooLarge { url: u, .. }
-            | FetchError::Secret { url: u, .. }
-            | FetchError::Io { url: u, .. } => *u = url.to_owned(),
-        }
-        e
-    }
-
-    /// The same error with every free-text field clipped to [`MAX_REASON_BYTES`]: what a
-    /// hostile peer can make an error say is stored and logged at a bounded size.
-    pub fn bounded(self) -> Self {
-        let c = |s: String| {
-            if s.len() <= MAX_REASON_BYTES {
-                s
-            } else {
-                clip(&s, MAX_REASON_BYTES)
-            }
-        };
+    /// The URL and the free-text fields of the error, to rewrite in place.
+    fn texts_mut(&mut self) -> (&mut String, Vec<&mut String>) {
         match self {
-            FetchError::BadUrl { url, reason } => FetchError::BadUrl {
-                url: c(url),
-                reason: c(reason),
-            },
-            FetchError::Download {
-                url,
-                attempts,
-                last,
-            } => FetchError::Download {
-                url: c(url),
-                attempts,
-                last: c(last),
-            },
-            FetchError::Timeout {
-                url,
-                timeout,
-                stage,
-            } => FetchError::Timeout {
-                url: c(url),
-                timeout,
-                stage,
-            },
-            FetchError::Manifest { url, reason } => FetchError::Manifest {
-                url: c(url),
-                reason: c(reason),
-            },
-            FetchError::Auth { url, reason } => FetchError::Auth {
-                url: c(url),
-                reason: c(reason),
-            },
-            FetchError::Layout { url, reason } => FetchError::Layout {
-                url: c(url),
-                reason: c(reason),
-            },
-            FetchError::Blob { url, reason } => FetchError::Blob {
-                url: c(url),
-                reason: c(reason),
-            },
-            FetchError::Signature { url, reason } => FetchError::Signature {
-                url: c(url),
-                reason: c(reason),
-            },
+            FetchError::BadUrl { url, reason }
+            | FetchError::Manifest { url, reason }
+            | FetchError::Auth { url, reason }
+            | FetchError::Layout { url, reason }
+            | FetchError::Blob { url, reason }
+            | FetchError::Signature { url, reason }
+            | FetchError::Invalid { url, reason }
+            | FetchError::Secret { url, reason }
+            | FetchError::Io { url, reason } => (url, vec![reason]),
+            FetchError::Download { url, last, .. } => (url, vec![last]),
+            FetchError::Timeout { url, .. } => (url, vec![]),
             FetchError::Checksum {
                 url,
                 want,
                 got,
                 digest,
-            } => FetchError::Checksum {
-                url: c(url),
-                want: c(want),
-                got: c(got),
-                digest: digest.map(c),
-            },
-            FetchError::Invalid { url, reason } => FetchError::Invalid {
-                url: c(url),
-                reason: c(reason),
-            },
-            FetchError::TooLarge { url, limit, what } => FetchError::TooLarge {
-                url: c(url),
-                limit,
-                what: c(what),
-            },
-            FetchError::Secret { url, reason } => FetchError::Secret {
-                url: c(url),
-                reason: c(reason),
-            },
-            FetchError::Io { url, reason } => FetchError::Io {
-                url: c(url),
-                reason: c(reason),
-            },
+            } => (
+                url,
+                [Some(want), Some(got), digest.as_mut()]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            ),
+            FetchError::TooLarge { url, what, .. } => (url, vec![what]),
         }
+    }
+
+    /// The same error about `url` (a remembered answer given to another request).
+    pub fn with_url(mut self, url: &str) -> Self {
+        *self.texts_mut().0 = url.to_owned();
+        self
+    }
+
+    /// The same error with every free-text field clipped to [`MAX_REASON_BYTES`]: what a
+    /// hostile peer can make an error say is stored and logged at a bounded size.
+    pub fn bounded(mut self) -> Self {
+        let (url, texts) = self.texts_mut();
+        for t in std::iter::once(url).chain(texts) {
+            if t.len() > MAX_REASON_BYTES {
+                *t = clip(t, MAX_REASON_BYTES);
+            }
+        }
+        self
     }
 
     /// The `result` label of `istio_agent_wasm_remote_fetch_count`, or `None` when the error

@@ -22,9 +22,7 @@ use super::mirrors::Source;
 use super::oci::{OciFetcher, Resolved};
 use super::options::{CacheConfig, Matched, Module};
 use super::secret;
-use super::signature::{
-    verify_bundle, verify_keyless, verify_legacy_keyless, verify_payload, Action, VerifyPolicy,
-};
+use super::signature::{verify_keyless, Action, VerifyPolicy};
 use super::store::{sha256_file, Store, TempFile};
 use super::unbox::{self, Boxing};
 use super::url::OciRef;
@@ -218,12 +216,7 @@ impl Fetcher {
             Ok(name) => {
                 tracing::info!(url = %shown, %digest, signer = %name, "keyless signature verified");
                 counter!(m::SIGNATURE_CHECKS, "result" => "verified").increment(1);
-                let fp = signers
-                    .fingerprints()
-                    .into_iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, fp)| fp)
-                    .unwrap_or_default();
+                let fp = signers.fingerprint_of(&name).unwrap_or_default();
                 Ok(Some((digest, fp)))
             }
             Err(why) => Err(fail(super::error::clip(&why, 1024))),
@@ -450,20 +443,13 @@ impl Fetcher {
             }
             Action::Verify(signers) => signers,
         };
-        let keys = &signers.keys;
-        let fingerprints = signers.fingerprints();
         let mut why = Vec::new();
         let digests = resolved
             .index_digest
             .iter()
             .chain(std::iter::once(&resolved.digest));
         // The first check that passes wins; every failure is kept for the message.
-        let fingerprint = |name: &str| {
-            fingerprints
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, fp)| fp.clone())
-        };
+        let fingerprint = |name: &str| signers.fingerprint_of(name);
         let mut passed = |form: &str, digest: &str, checks: Vec<Result<String, String>>| {
             for check in checks {
                 match check {
@@ -481,15 +467,10 @@ impl Fetcher {
             // OCI 1.1 referrers: sigstore bundles (cosign v3's default).
             match self.oci.bundles(resolved, digest).await {
                 Ok(bundles) => {
-                    let mut checks = Vec::new();
-                    for b in &bundles {
-                        if !keys.is_empty() {
-                            checks.push(verify_bundle(b, keys, digest));
-                        }
-                        if !signers.keyless.is_empty() {
-                            checks.push(verify_keyless(b, signers, digest));
-                        }
-                    }
+                    let checks = bundles
+                        .iter()
+                        .flat_map(|b| signers.check_bundle(b, digest))
+                        .collect();
                     if let Some(v) = passed("sigstore bundle", digest, checks) {
                         return Ok(Some(v));
                     }
@@ -498,20 +479,13 @@ impl Fetcher {
             }
             // Cosign's legacy layout: the sha256-<hex>.sig tag (key signatures, and keyless
             // ones with their certificate and Rekor bundle in annotations).
-            let mut checks = Vec::new();
-            match self.oci.signatures(resolved, digest).await {
-                Ok(sigs) => {
-                    for sig in &sigs {
-                        if !keys.is_empty() {
-                            checks.push(verify_payload(&sig.payload, &sig.signature, keys, digest));
-                        }
-                        if !signers.keyless.is_empty() {
-                            checks.push(verify_legacy_keyless(sig, signers, digest));
-                        }
-                    }
-                }
-                Err(e) => checks.push(Err(e)),
-            }
+            let checks = match self.oci.signatures(resolved, digest).await {
+                Ok(sigs) => sigs
+                    .iter()
+                    .flat_map(|sig| signers.check_legacy(sig, digest))
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
             if let Some(v) = passed("legacy .sig", digest, checks) {
                 return Ok(Some(v));
             }

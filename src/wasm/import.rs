@@ -13,10 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::fetch::NewModule;
 use super::oci::{candidates, find_layer, RawDesc, RawManifest};
-use super::signature::{
-    verify_bundle, verify_keyless, verify_legacy_keyless, verify_payload, Action, LegacySig,
-    VerifyPolicy, BUNDLE_TYPES, SIGNATURE_ANNOTATION, SIMPLESIGNING,
-};
+use super::signature::{Action, LegacySig, VerifyPolicy, BUNDLE_TYPES, SIMPLESIGNING};
 use super::store::{sha256_file, Store};
 use super::unbox;
 use super::url::ModuleUrl;
@@ -292,17 +289,10 @@ impl Layout {
             Action::AllowUnsigned => return Ok(None),
             Action::Verify(s) => s,
         };
-        let fingerprints = signers.fingerprints();
-        let fp = |n: &str| {
-            fingerprints
-                .iter()
-                .find(|(name, _)| name == n)
-                .map(|(_, f)| f.clone())
-                .unwrap_or_default()
-        };
         let mut why = Vec::new();
         let all = self.all();
         for digest in index.into_iter().chain(std::iter::once(image)) {
+            let mut checks = Vec::new();
             // Referrers: manifests whose subject is the image, holding bundles.
             for (_, m, _) in all
                 .iter()
@@ -313,21 +303,8 @@ impl Layout {
                     .iter()
                     .filter(|l| BUNDLE_TYPES.contains(&l.media_type.as_str()))
                 {
-                    let Ok(b) = self.small(&l.digest) else {
-                        continue;
-                    };
-                    let mut checks = Vec::new();
-                    if !signers.keys.is_empty() {
-                        checks.push(verify_bundle(&b, &signers.keys, digest));
-                    }
-                    if !signers.keyless.is_empty() {
-                        checks.push(verify_keyless(&b, signers, digest));
-                    }
-                    for c in checks {
-                        match c {
-                            Ok(n) => return Ok(Some((digest.to_owned(), fp(&n)))),
-                            Err(e) => why.push(e),
-                        }
+                    if let Ok(b) = self.small(&l.digest) {
+                        checks.extend(signers.check_bundle(&b, digest));
                     }
                 }
             }
@@ -338,42 +315,22 @@ impl Layout {
                     .is_some_and(|n| n == tag || n.ends_with(&format!(":{tag}")))
             }) {
                 for l in m.layers.iter().filter(|l| l.media_type == SIMPLESIGNING) {
-                    let (Some(sig), Ok(payload)) = (
-                        l.annotations.get(SIGNATURE_ANNOTATION),
-                        self.small(&l.digest),
-                    ) else {
+                    let Ok(payload) = self.small(&l.digest) else {
                         continue;
                     };
-                    let legacy = LegacySig {
-                        payload,
-                        signature: sig.clone(),
-                        certificate: l
-                            .annotations
-                            .get(super::signature::CERTIFICATE_ANNOTATION)
-                            .cloned(),
-                        rekor_bundle: l
-                            .annotations
-                            .get(super::signature::REKOR_BUNDLE_ANNOTATION)
-                            .cloned(),
+                    let Some(legacy) = LegacySig::from_layer(payload, &l.annotations) else {
+                        continue;
                     };
-                    let mut checks = Vec::new();
-                    if !signers.keys.is_empty() {
-                        checks.push(verify_payload(
-                            &legacy.payload,
-                            &legacy.signature,
-                            &signers.keys,
-                            digest,
-                        ));
+                    checks.extend(signers.check_legacy(&legacy, digest));
+                }
+            }
+            for c in checks {
+                match c {
+                    Ok(name) => {
+                        let fp = signers.fingerprint_of(&name).unwrap_or_default();
+                        return Ok(Some((digest.to_owned(), fp)));
                     }
-                    if !signers.keyless.is_empty() {
-                        checks.push(verify_legacy_keyless(&legacy, signers, digest));
-                    }
-                    for c in checks {
-                        match c {
-                            Ok(n) => return Ok(Some((digest.to_owned(), fp(&n)))),
-                            Err(e) => why.push(e),
-                        }
-                    }
+                    Err(e) => why.push(e),
                 }
             }
         }

@@ -646,17 +646,17 @@ impl OciFetcher {
             .iter()
             .filter(|l| l.media_type == signature::SIMPLESIGNING)
         {
-            let Some(sig) = layer.annotations.get(signature::SIGNATURE_ANNOTATION) else {
+            if !layer
+                .annotations
+                .contains_key(signature::SIGNATURE_ANNOTATION)
+            {
                 continue;
-            };
+            }
             if let Some(payload) = small_blob(&r.client, &sig_ref, layer, MAX_PAYLOAD).await {
-                let note = |k: &str| layer.annotations.get(k).cloned();
-                out.push(signature::LegacySig {
+                out.extend(signature::LegacySig::from_layer(
                     payload,
-                    signature: sig.clone(),
-                    certificate: note(signature::CERTIFICATE_ANNOTATION),
-                    rekor_bundle: note(signature::REKOR_BUNDLE_ANNOTATION),
-                });
+                    &layer.annotations,
+                ));
             }
         }
         if out.is_empty() {

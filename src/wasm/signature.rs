@@ -52,6 +52,22 @@ pub struct LegacySig {
     pub rekor_bundle: Option<String>,
 }
 
+impl LegacySig {
+    /// The signature a simple-signing layer's `annotations` carry over `payload` (`None`: the
+    /// layer has no signature annotation).
+    pub fn from_layer(
+        payload: Vec<u8>,
+        annotations: &std::collections::HashMap<String, String>,
+    ) -> Option<LegacySig> {
+        Some(LegacySig {
+            payload,
+            signature: annotations.get(SIGNATURE_ANNOTATION)?.clone(),
+            certificate: annotations.get(CERTIFICATE_ANNOTATION).cloned(),
+            rekor_bundle: annotations.get(REKOR_BUNDLE_ANNOTATION).cloned(),
+        })
+    }
+}
+
 /// What a rule requires.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -120,6 +136,45 @@ impl Signers {
             )
         }));
         out
+    }
+
+    /// The fingerprint of the signer named `name`.
+    pub fn fingerprint_of(&self, name: &str) -> Option<String> {
+        self.fingerprints()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, fp)| fp)
+    }
+
+    /// Every check of a sigstore bundle over `digest`: by the rule's keys, then by its keyless
+    /// identities. Each gives the signer's name, or why not.
+    pub fn check_bundle(&self, bundle: &[u8], digest: &str) -> Vec<Result<String, String>> {
+        let mut checks = Vec::new();
+        if !self.keys.is_empty() {
+            checks.push(verify_bundle(bundle, &self.keys, digest));
+        }
+        if !self.keyless.is_empty() {
+            checks.push(verify_keyless(bundle, self, digest));
+        }
+        checks
+    }
+
+    /// Every check of one layer of cosign's legacy `.sig` manifest over `digest`, as
+    /// [`Signers::check_bundle`].
+    pub fn check_legacy(&self, sig: &LegacySig, digest: &str) -> Vec<Result<String, String>> {
+        let mut checks = Vec::new();
+        if !self.keys.is_empty() {
+            checks.push(verify_payload(
+                &sig.payload,
+                &sig.signature,
+                &self.keys,
+                digest,
+            ));
+        }
+        if !self.keyless.is_empty() {
+            checks.push(verify_legacy_keyless(sig, self, digest));
+        }
+        checks
     }
 
     /// The names of every signer, for messages.
@@ -554,24 +609,17 @@ pub fn verify_legacy_keyless(
     signers: &Signers,
     digest: &str,
 ) -> Result<String, String> {
-    use super::keyless::{verify, Signer, Subject};
     let Some(trust) = &signers.trust else {
         return Err("the rule names no keyless identity".into());
     };
     let bundle = legacy_bundle(sig)?;
     check_simplesigning(&sig.payload, digest)?;
-    let mut why = Vec::new();
-    for k in &signers.keyless {
-        let signer = Signer::Keyless {
-            issuer: k.issuer.clone(),
-            identity: k.identity.clone(),
-        };
-        match verify(&bundle, Subject::Bytes(&sig.payload), &signer, &trust.root) {
-            Ok(_) => return Ok(k.name()),
-            Err(e) => why.push(format!("{}: {}", k.name(), clip(&e, 300))),
-        }
-    }
-    Err(why.join("; "))
+    first_identity(
+        &bundle,
+        super::keyless::Subject::Bytes(&sig.payload),
+        signers,
+        trust,
+    )
 }
 
 #[derive(Deserialize)]
@@ -724,20 +772,31 @@ fn signing_statement_only(bundle: &[u8]) -> Result<(), String> {
 /// rule's keyless identities, against its trust root (`sigstore-verify`: certificate chain valid
 /// at signing time, SCTs, Rekor entry and proofs, timestamps). Returns the identity's name.
 pub fn verify_keyless(bundle: &[u8], signers: &Signers, digest: &str) -> Result<String, String> {
-    use super::keyless::{parse_digest, verify, Signer, Subject};
+    use super::keyless::{parse_digest, Subject};
     let Some(trust) = &signers.trust else {
         return Err("the rule names no keyless identity".into());
     };
     let text = std::str::from_utf8(bundle).map_err(|_| "the bundle is not UTF-8".to_owned())?;
     signing_statement_only(bundle)?;
     let d = parse_digest(digest).ok_or_else(|| format!("{digest:?} is not a sha256 digest"))?;
+    first_identity(text, Subject::Sha256(d), signers, trust)
+}
+
+/// The first of the rule's keyless identities `bundle_json` verifies for, or why none does.
+fn first_identity(
+    bundle_json: &str,
+    subject: super::keyless::Subject<'_>,
+    signers: &Signers,
+    trust: &KeylessTrust,
+) -> Result<String, String> {
+    use super::keyless::{verify, Signer};
     let mut why = Vec::new();
     for k in &signers.keyless {
         let signer = Signer::Keyless {
             issuer: k.issuer.clone(),
             identity: k.identity.clone(),
         };
-        match verify(text, Subject::Sha256(d), &signer, &trust.root) {
+        match verify(bundle_json, subject, &signer, &trust.root) {
             Ok(_) => return Ok(k.name()),
             Err(e) => why.push(format!("{}: {}", k.name(), clip(&e, 300))),
         }

@@ -26,6 +26,13 @@ pub fn assert_no_secrets(what: &str, text: &str) {
         assert!(!text.contains(s), "{what} leaked the secret {s:?}:\n{text}");
     }
 }
+/// How many module files the cache directory `cache` holds.
+pub fn modules_in(cache: &std::path::Path) -> usize {
+    std::fs::read_dir(cache.join("modules"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 pub use modsrv::{ModuleServer, Route};
 pub use registry::{Layout, Registry};
 pub use xds::{ControlPlane, CpStream};

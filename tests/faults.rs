@@ -129,6 +129,62 @@ async fn sigkill_mid_download_leaves_no_partial_file_and_the_next_fetch_works() 
     assert_consistent(&cache);
 }
 
+/// Delivery no longer waits for the fsyncs: an agent killed (SIGKILL) the moment Envoy got the
+/// resource leaves the delivered file whole and indexed, and the next process serves the
+/// module from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_right_after_delivery_keeps_the_delivered_file_whole() {
+    let srv = ModuleServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    for round in 0..3 {
+        let wasm = sized_module(&format!("delivered-{round}"), 8 << 20);
+        let name = format!("m{round}.wasm");
+        srv.put(&name, wasm.clone());
+        let mut cp = ControlPlane::start().await;
+        let agent = Agent::builder(&cp.url()).cache_dir(&cache).start().await;
+        let (mut envoy, up) = sotw_ecds(&agent, &mut cp, &["k"]).await;
+        up.send(ecds_resp(
+            "v1",
+            "n1",
+            vec![ecds_remote("k", &srv.url(&name), &Remote::default())],
+        ));
+        let got = envoy.recv().await;
+        drop(agent); // SIGKILL, as soon as the resource reached Envoy
+        let path = local_filename(&got.resources[0]);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            sha256_hex(&bytes),
+            sha256_hex(&wasm),
+            "round {round}: {path}"
+        );
+        assert_consistent(&cache);
+        // The next process serves it from the cache without downloading (the server no
+        // longer has it): the index entry reached the page cache before the delivery.
+        srv.set(
+            &name,
+            Route {
+                fail_first: usize::MAX,
+                fail_status: 404,
+                ..Default::default()
+            },
+        );
+        let out = Command::new(support::agent::BIN)
+            .args(["fetch", &srv.url(&name), "--sha256", &sha256_hex(&wasm)])
+            .arg("--cache-dir")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&sha256_hex(&wasm)),
+            "round {round}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_consistent(&cache);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_opening_the_cache_mid_download_does_not_break_it() {
     let srv = ModuleServer::start().await;

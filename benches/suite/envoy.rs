@@ -164,8 +164,16 @@ impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // ECDS_BENCH_KEEP_LOGS=DIR keeps every Envoy log (with ECDS_ENVOY_COMPONENT_LOG).
+        if let Ok(dir) = std::env::var("ECDS_BENCH_KEEP_LOGS") {
+            let n = KEPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(&self.log, Path::new(&dir).join(format!("envoy-{n:03}.log")));
+        }
     }
 }
+
+static KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The next request of `s` that is an ECDS request.
 async fn ecds_request(s: &mut CpSotw) {
@@ -280,13 +288,31 @@ pub async fn run(mode: Mode) -> Vec<Sample> {
         return vec![];
     }
     let (sizes, reps): (&[(usize, &str)], usize) = match mode {
-        Mode::Full => (&[(20 << 10, "20 KiB"), (20 << 20, "20 MiB")], 5),
+        Mode::Full => (
+            &[
+                (20 << 10, "20 KiB"),
+                (2 << 20, "2 MiB"),
+                (20 << 20, "20 MiB"),
+            ],
+            5,
+        ),
         Mode::Smoke => (&[(20 << 10, "20 KiB")], 1),
+    };
+    // ECDS_BENCH_REPS=1 for a quick look (e.g. with Envoy's trace log kept).
+    let reps = std::env::var("ECDS_BENCH_REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(reps);
+    // ECDS_BENCH_SIZES=20MiB,2MiB picks sizes by label.
+    let pick_sizes = std::env::var("ECDS_BENCH_SIZES").unwrap_or_default();
+    let wanted = |label: &str| {
+        let l = label.replace(' ', "");
+        pick_sizes.is_empty() || pick_sizes.split(',').any(|p| p.eq_ignore_ascii_case(&l))
     };
     let srv = BlobServer::start().await;
     let mut out = vec![];
     let mut idle = vec![];
-    for &(size, label) in sizes {
+    for &(size, label) in sizes.iter().filter(|(_, l)| wanted(l)) {
         let mut runs = [vec![], vec![]];
         for _ in 0..reps {
             for (k, via) in [false, true].into_iter().enumerate() {

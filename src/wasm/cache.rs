@@ -15,7 +15,11 @@
 //! 4. otherwise join or start the single download for (URL, expected sha256, credentials), in
 //!    this process and across processes sharing the directory (`flight`); a module another
 //!    process fetched meanwhile passes the same gate;
-//! 5. fetch (`fetch`), validate, store, index, with what the pull showed (signature, access);
+//! 5. fetch (`fetch`), validate, rename into place, index, with what the pull showed
+//!    (signature, access), write the index to the page cache, and return: the fsyncs (module,
+//!    index) follow in the background ([`Cache::make_durable`]; [`Cache::save`] waits for
+//!    them). A SIGKILL right after delivery loses nothing; a power loss may lose the entry,
+//!    never a file's integrity (the next open verifies every indexed file by its hash);
 //! 6. hold: the module is published as in use (`lease`) before `get` returns, until the caller
 //!    pins it.
 //!
@@ -52,7 +56,7 @@ use super::oci::Resolved;
 use super::options::{CacheConfig, GetOptions, Matched, Module, PullPolicy};
 use super::pins::{PinChange, Pins};
 use super::proofs::{cred_id, Proofs};
-use super::store::{now_ms, now_secs, Index, ModuleEntry, Store};
+use super::store::{now_ms, now_secs, Durability, Index, ModuleEntry, Store};
 use super::url::ModuleUrl;
 use super::view::{CacheView, FailureInfo};
 use super::{retention, verify, view};
@@ -80,6 +84,11 @@ struct State {
     /// commits, so whoever waited behind a save that took its change along returns at once.
     edits: u64,
     saved: u64,
+    /// The last change number written with fsync (`saved` may be ahead: in the page cache).
+    synced: u64,
+    /// Modules renamed into place whose fsync has not run yet: whole in the page cache,
+    /// already delivered and indexed; [`Cache::make_durable`] syncs them.
+    unsynced: std::collections::HashSet<String>,
 }
 
 impl State {
@@ -142,6 +151,9 @@ pub struct Cache {
     save_queued: std::sync::atomic::AtomicBool,
     /// Rights to pull private modules shown recently (credentials × repository).
     proofs: Mutex<Proofs>,
+    /// The durable tails of downloads (fsync, index commit) still running; [`Cache::save`]
+    /// waits for them.
+    syncs: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A cached module and what the index records about it, before the gate.
@@ -186,6 +198,7 @@ impl Cache {
             save_lock: tokio::sync::Mutex::new(()),
             save_queued: std::sync::atomic::AtomicBool::new(false),
             proofs: Mutex::new(Proofs::default()),
+            syncs: Mutex::new(Vec::new()),
         });
         cache.publish_gauges();
         cache.save().await;
@@ -212,9 +225,10 @@ impl Cache {
     /// queued behind one save are all covered by the next, so a burst of changes costs two
     /// writes, not one each.
     pub async fn save(&self) {
+        self.settle().await;
         let want = self.lock().edits;
         let _g = self.save_lock.lock().await;
-        self.write_index(want).await;
+        self.write_index(want, Durability::Disk).await;
     }
 
     /// [`Cache::save`] on a background task, for whoever does not need the index on disk now
@@ -230,26 +244,41 @@ impl Cache {
             let _g = me.save_lock.lock().await;
             me.save_queued.swap(false, Ordering::AcqRel);
             let want = me.lock().edits;
-            me.write_index(want).await;
+            me.write_index(want, Durability::Disk).await;
         });
     }
 
-    /// Writes the index unless change number `want` is already on disk (the caller holds
-    /// `save_lock`).
-    async fn write_index(&self, want: u64) {
+    /// Waits until every module delivered so far is durable and indexed on disk.
+    pub async fn settle(&self) {
+        let tasks = std::mem::take(&mut *self.syncs.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Writes the index unless change number `want` is already written with `durability`
+    /// (the caller holds `save_lock`).
+    async fn write_index(&self, want: u64, durability: Durability) {
         let (upto, snapshot) = {
             let st = self.lock();
-            if st.saved >= want {
+            let done = match durability {
+                Durability::Disk => st.synced,
+                Durability::PageCache => st.saved,
+            };
+            if done >= want {
                 return;
             }
             (st.edits, st.index.clone())
         };
         let store = self.store.clone();
         let saved: Vec<String> = snapshot.modules.keys().cloned().collect();
-        match tokio::task::spawn_blocking(move || store.merge_save(&snapshot)).await {
+        match tokio::task::spawn_blocking(move || store.merge_save(&snapshot, durability)).await {
             Ok(Ok(merged)) => {
                 let mut st = self.lock();
                 st.saved = st.saved.max(upto);
+                if durability == Durability::Disk {
+                    st.synced = st.synced.max(upto);
+                }
                 // What another process removed meanwhile goes here too.
                 for sha in saved.iter().filter(|s| !merged.modules.contains_key(*s)) {
                     st.index.modules.remove(sha);
@@ -769,7 +798,7 @@ impl Cache {
             )
             .as_bytes(),
         );
-        let _lock = lock_download(&self.store, &key, deadline, &shown).await?;
+        let lock = lock_download(&self.store, &key, deadline, &shown).await?;
         if let Some(module) = self
             .fetched_meanwhile(url, parsed, expected, since_ms, opts)
             .await
@@ -830,18 +859,57 @@ impl Cache {
                     .insert(&p.cred, &p.repo, std::time::Instant::now());
             }
         }
-        // Make the result visible on disk before the lock is released.
         {
             let mut st = self.lock();
             self.record(&mut st, url, &module, None);
             st.index.url_mut(url).fetched_at_ms = now_ms();
             st.changed();
         }
-        self.save().await;
+        // In the page cache before the module is delivered: a process killed right after
+        // still finds it; the fsyncs follow off Envoy's path.
+        {
+            let _g = self.save_lock.lock().await;
+            let want = self.lock().edits;
+            self.write_index(want, Durability::PageCache).await;
+        }
+        self.make_durable(&module, Some(lock));
         Ok(module)
     }
 
-    /// Validates and writes a new module, then indexes it.
+    /// The durable tail of a download, off the caller's path (Envoy needs the bytes in the
+    /// page cache, not on the platter): fsync the module if it is new, then write the index
+    /// with fsync, and only then release the download lock `lock`. A power loss before the
+    /// end loses at most the index entry (the next open drops an indexed file that does not
+    /// hash to its name, and adopts a whole one the index lost). Every path that stores a
+    /// module ends here; [`Cache::save`] waits for it.
+    fn make_durable(self: &Arc<Self>, module: &Module, lock: Option<std::fs::File>) {
+        let me = self.clone();
+        let (sha, path) = (module.sha256.clone(), module.path.clone());
+        let task = tokio::spawn(async move {
+            let pending = me.lock().unsynced.contains(&sha);
+            if pending {
+                let p = path.clone();
+                let synced = tokio::task::spawn_blocking(move || super::store::sync_module(&p))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("fsync task failed: {e}")));
+                if let Err(e) = synced {
+                    // Purged meanwhile, or a disk error: the next open checks the file.
+                    tracing::warn!(error = %e, "module not made durable");
+                }
+                me.lock().unsynced.remove(&sha);
+            }
+            let _g = me.save_lock.lock().await;
+            let want = me.lock().edits;
+            me.write_index(want, Durability::Disk).await;
+            drop(lock);
+        });
+        let mut syncs = self.syncs.lock().unwrap_or_else(|p| p.into_inner());
+        syncs.retain(|t| !t.is_finished());
+        syncs.push(task);
+    }
+
+    /// Validates a new module, renames it into place and indexes it in memory; the caller
+    /// then hands it to [`Cache::make_durable`].
     async fn store_module(
         &self,
         url: &str,
@@ -872,11 +940,11 @@ impl Cache {
         let sha2 = sha.clone();
         let written = tokio::task::spawn_blocking(move || {
             verify::validate_file(&file.path).map_err(|r| (true, r))?;
-            store.persist_module(file, &sha2).map_err(|r| (false, r))
+            store.place_module(file, &sha2).map_err(|r| (false, r))
         })
         .await
         .map_err(|e| io_err(shown, e.to_string()))?;
-        let path = written.map_err(|(invalid, reason)| {
+        let (path, fresh) = written.map_err(|(invalid, reason)| {
             if invalid {
                 FetchError::Invalid {
                     url: shown.to_owned(),
@@ -902,6 +970,9 @@ impl Cache {
             entry.urls.insert(redact(url));
             entry.oci_digests.extend(digests.iter().cloned());
             entry.served_by = Some(served_by.clone());
+            if fresh {
+                st.unsynced.insert(sha.clone());
+            }
             st.changed();
         }
         counter!(m::FETCHES_SERVED, "host" => m::bounded_label(m::FETCHES_SERVED, &served_by))
@@ -1200,6 +1271,7 @@ impl Cache {
             st.index.url_mut(&url).fetched_at_ms = now_ms();
             st.changed();
         }
+        self.make_durable(&module, None);
         self.save().await;
         Ok(module)
     }

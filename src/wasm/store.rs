@@ -67,6 +67,14 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// What a write waits for: the disk (fsync of the file and its directory: it survives a
+/// power loss) or only the page cache (it survives the process, and every reader sees it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Disk,
+    PageCache,
+}
+
 /// A file being written under `tmp/`: locked by this process, removed when dropped unless it
 /// was persisted (renamed into place).
 #[derive(Debug)]
@@ -78,23 +86,45 @@ pub struct TempFile {
 
 impl TempFile {
     /// fsync, set `mode`, rename to `final_path`, fsync the directory.
-    fn persist(mut self, final_path: &Path, mode: u32) -> Result<(), String> {
-        let tmp = &self.path;
+    fn persist(self, final_path: &Path, mode: u32) -> Result<(), String> {
         self.file
             .sync_all()
-            .map_err(|e| io_ctx("cannot fsync", tmp, e))?;
+            .map_err(|e| io_ctx("cannot fsync", &self.path, e))?;
+        self.rename_into(final_path, mode, true)
+    }
+
+    /// Sets `mode` and renames the (complete) file to `final_path`; with `durable`, fsyncs the
+    /// directory afterwards (the caller fsynced the file).
+    fn rename_into(mut self, final_path: &Path, mode: u32, durable: bool) -> Result<(), String> {
+        let tmp = &self.path;
         // The umask may have narrowed the mode; Envoy (another user) must read modules.
         fs::set_permissions(tmp, fs::Permissions::from_mode(mode))
             .map_err(|e| io_ctx("cannot chmod", tmp, e))?;
         fs::rename(tmp, final_path).map_err(|e| io_ctx("cannot rename into", final_path, e))?;
         self.done = true;
-        if let Some(parent) = final_path.parent() {
-            if let Ok(d) = File::open(parent) {
-                let _ = d.sync_all();
-            }
+        if durable {
+            sync_dir_of(final_path);
         }
         Ok(())
     }
+}
+
+fn sync_dir_of(path: &Path) {
+    if let Some(parent) = path.parent() {
+        if let Ok(d) = File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// Makes a module file that [`Store::place_module`] put in place durable: fsync of the file,
+/// then of its directory.
+pub fn sync_module(path: &Path) -> Result<(), String> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_ctx("cannot fsync", path, e))?;
+    sync_dir_of(path);
+    Ok(())
 }
 
 impl Drop for TempFile {
@@ -216,7 +246,13 @@ impl Store {
         Ok((store, index, report))
     }
 
-    fn write_atomic(&self, final_path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    fn write_atomic(
+        &self,
+        final_path: &Path,
+        bytes: &[u8],
+        mode: u32,
+        durability: Durability,
+    ) -> Result<(), String> {
         let label = final_path
             .file_name()
             .and_then(|n| n.to_str())
@@ -226,7 +262,10 @@ impl Store {
         tmp.file
             .write_all(bytes)
             .map_err(|e| io_ctx("cannot write", &tmp.path, e))?;
-        tmp.persist(final_path, mode)
+        match durability {
+            Durability::Disk => tmp.persist(final_path, mode),
+            Durability::PageCache => tmp.rename_into(final_path, mode, false),
+        }
     }
 
     /// A new temp file under `tmp/`, locked until it is persisted or dropped (then removed).
@@ -251,9 +290,12 @@ impl Store {
         })
     }
 
-    /// Moves a verified module file into place under its sha256 (if the same module is already
-    /// there, the temp file is dropped instead).
-    pub fn persist_module(&self, tmp: TempFile, sha: &str) -> Result<PathBuf, String> {
+    /// Moves a complete, verified module file into place under its sha256, without waiting for
+    /// the disk: the bytes are whole in the page cache, which is all a reader (Envoy) needs.
+    /// `Ok((path, true))` when it was renamed into place and still needs [`sync_module`]
+    /// before an index on disk may name it; `false` when the same module was already there
+    /// (the temp file is dropped).
+    pub fn place_module(&self, tmp: TempFile, sha: &str) -> Result<(PathBuf, bool), String> {
         let path = self.module_path(sha);
         let len = tmp
             .file
@@ -261,10 +303,10 @@ impl Store {
             .map_err(|e| io_ctx("cannot stat", &tmp.path, e))?
             .len();
         if fs::metadata(&path).is_ok_and(|m| m.len() == len) {
-            return Ok(path);
+            return Ok((path, false));
         }
-        tmp.persist(&path, 0o644)?;
-        Ok(path)
+        tmp.rename_into(&path, 0o644, false)?;
+        Ok((path, true))
     }
 
     /// Writes a verified module under its sha256 (no-op if it is already there).
@@ -276,7 +318,7 @@ impl Store {
         {
             return Ok(path);
         }
-        self.write_atomic(&path, bytes, 0o644)?;
+        self.write_atomic(&path, bytes, 0o644, Durability::Disk)?;
         Ok(path)
     }
 
@@ -289,10 +331,10 @@ impl Store {
         }
     }
 
-    pub fn save_index(&self, index: &Index) -> Result<(), String> {
+    pub fn save_index(&self, index: &Index, durability: Durability) -> Result<(), String> {
         let bytes =
             serde_json::to_vec_pretty(index).map_err(|e| format!("cannot encode index: {e}"))?;
-        self.write_atomic(&self.index_path(), &bytes, 0o600)
+        self.write_atomic(&self.index_path(), &bytes, 0o600, durability)
     }
 
     /// The index as it is on disk now (empty if missing or unreadable), without modules whose
@@ -312,7 +354,7 @@ impl Store {
     /// Writes `index` merged with what other processes recorded on disk meanwhile (see
     /// [`Index::absorb`]) under `locks/index.lock`; returns the merged index. Entries whose file
     /// another process removed (purge, eviction) are dropped, never written back.
-    pub fn merge_save(&self, index: &Index) -> Result<Index, String> {
+    pub fn merge_save(&self, index: &Index, durability: Durability) -> Result<Index, String> {
         let (lock, path) = self.lock_file("index")?;
         lock_within(&lock, &path, INDEX_LOCK_DEADLINE)?;
         let mut merged = index.clone();
@@ -323,7 +365,7 @@ impl Store {
         merged
             .urls
             .retain(|_, u| merged.modules.contains_key(&u.sha256));
-        self.save_index(&merged)?;
+        self.save_index(&merged, durability)?;
         Ok(merged)
     }
 
@@ -410,7 +452,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        store.save_index(&index).unwrap();
+        store.save_index(&index, Durability::Disk).unwrap();
         // A file the index lost, a corrupt file, and a leftover partial write.
         let b = b"module-b".to_vec();
         let sha_b = sha256_hex(&b);
@@ -492,10 +534,10 @@ mod key_tests {
                 ..Default::default()
             },
         );
-        store.merge_save(&index).unwrap();
+        store.merge_save(&index, Durability::Disk).unwrap();
         // Another process purges it; this one still has it in memory and saves.
         store.remove_module(&sha).unwrap();
-        let merged = store.merge_save(&index).unwrap();
+        let merged = store.merge_save(&index, Durability::Disk).unwrap();
         assert!(!merged.modules.contains_key(&sha));
         assert!(!store.read_index().modules.contains_key(&sha));
     }

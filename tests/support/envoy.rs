@@ -13,17 +13,19 @@ pub fn path() -> PathBuf {
 /// Starts `envoy` on `bootstrap` as the tests run it (one worker, no hot restart, warnings
 /// and up), its log in `log`.
 pub fn spawn(envoy: &Path, bootstrap: &Path, log: &Path) -> Child {
-    Command::new(envoy)
-        .arg("-c")
-        .arg(bootstrap)
-        .args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "-l",
-            "warning",
-        ])
-        .stdout(Stdio::null())
+    let mut cmd = Command::new(envoy);
+    cmd.arg("-c").arg(bootstrap).args([
+        "--concurrency",
+        "1",
+        "--disable-hot-restart",
+        "-l",
+        "warning",
+    ]);
+    // e.g. ECDS_ENVOY_COMPONENT_LOG=wasm:trace,config:debug to see where Envoy's time goes.
+    if let Ok(levels) = std::env::var("ECDS_ENVOY_COMPONENT_LOG") {
+        cmd.args(["--component-log-level", &levels]);
+    }
+    cmd.stdout(Stdio::null())
         .stderr(std::fs::File::create(log).expect("Envoy log file"))
         .spawn()
         .expect("spawn Envoy (make envoy)")

@@ -64,6 +64,25 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("'{s}' is not a byte count ({e})"))
 }
 
+fn parse_inline_max(s: &str) -> Result<u64, String> {
+    let n = parse_bytes(s)?;
+    let max = crate::ecds::delivery::INLINE_LIMIT;
+    if n > max {
+        return Err(format!(
+            "{n} is more than the {max} bytes a module may be inlined"
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("'{s}' is not an Envoy cluster name"));
+    }
+    Ok(s.to_owned())
+}
+
 /// Checks a comma-separated CIDR list (kept as text; [`CacheArgs::cache_config`] maps it).
 fn parse_cidrs(s: &str) -> Result<String, String> {
     crate::wasm::guard::Blocklist::parse_extra(s).map(|_| s.to_owned())
@@ -153,6 +172,26 @@ pub struct RunArgs {
     /// What Envoy receives for a module that cannot be fetched.
     #[arg(long, env = "ECDS_AGENT_FETCH_FAILURE", value_enum, default_value_t = FetchFailureMode::StandIn)]
     pub fetch_failure: FetchFailureMode,
+
+    /// Modules up to this many bytes are handed to Envoy inline (`code.local.inline_bytes`,
+    /// re-checked against their sha256 as they are read) instead of as a file; 0 = never, at
+    /// most 1048576. See docs/configuration.md for the measured trade-off.
+    #[arg(long, env = "ECDS_AGENT_INLINE_MAX_BYTES", default_value = "0",
+          value_parser = parse_inline_max, value_name = "BYTES")]
+    pub inline_max_bytes: u64,
+
+    /// Envoy's bootstrap cluster that reaches this agent (its ADS cluster; Istio: xds-grpc).
+    /// When set, modules of at least --remote-min-bytes are handed to Envoy as a `remote`
+    /// source with their sha256, served by the agent on its xDS listener: Envoy fetches the
+    /// verified bytes itself and keeps them in its sha256-keyed code cache. Unset = files.
+    #[arg(long, env = "ECDS_AGENT_REMOTE_VIA_CLUSTER", value_name = "CLUSTER",
+          value_parser = parse_cluster_name)]
+    pub remote_via_cluster: Option<String>,
+
+    /// The smallest module handed to Envoy as a remote source (with --remote-via-cluster).
+    #[arg(long, env = "ECDS_AGENT_REMOTE_MIN_BYTES", default_value = "8388608",
+          value_parser = parse_bytes, value_name = "BYTES")]
+    pub remote_min_bytes: u64,
 
     /// Longest wait between background retries of a failed module (retries start at 1s and double).
     #[arg(long, env = "ECDS_AGENT_RETRY_MAX_BACKOFF", default_value = "60s", value_parser = parse_duration,
@@ -321,6 +360,19 @@ impl RunArgs {
         crate::ecds::RetryPolicy {
             max_backoff: self.retry_max_backoff,
             permanent_recheck: self.permanent_recheck_interval,
+        }
+    }
+
+    /// How verified modules are handed to Envoy, per size.
+    pub fn delivery(&self) -> crate::ecds::delivery::Delivery {
+        crate::ecds::delivery::Delivery {
+            inline_max: self.inline_max_bytes,
+            remote: self.remote_via_cluster.clone().map(|cluster| {
+                crate::ecds::delivery::RemoteVia {
+                    cluster,
+                    min_bytes: self.remote_min_bytes,
+                }
+            }),
         }
     }
 

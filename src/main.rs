@@ -417,6 +417,7 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
             cache.clone(),
             args.failure_mode(),
             args.retry_policy(),
+            args.delivery(),
         ));
         (Some(cache), Some(conv))
     } else {
@@ -437,7 +438,14 @@ async fn run(args: RunArgs) -> Result<(), Failure> {
     let state = AdminState::new(cache.clone(), ctx.rejections.clone(), args.admin_config());
     let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone()));
     let mut stop = shutdown_rx.clone();
-    let mut server = tokio::spawn(xds::serve(bound, ctx.clone(), async move {
+    // Envoy's own remote fetch of modules reaches the agent on the xDS listener.
+    let routes = match (&cache, &args.remote_via_cluster) {
+        (Some(c), Some(_)) => {
+            tonic::service::Routes::new(ecds_agent::wasm::serve::ModuleService::new(c.clone()))
+        }
+        _ => tonic::service::Routes::default(),
+    };
+    let mut server = tokio::spawn(xds::serve(bound, ctx.clone(), routes, async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
     state.ready.store(true, Ordering::Relaxed);

@@ -67,6 +67,10 @@ struct Stack {
     envoy_admin: String,
     cp_log: PathBuf,
     agent: Agent,
+    /// How the agent was started, to start it again.
+    upstream: String,
+    sock: PathBuf,
+    agent_args: Vec<String>,
     _envoy: Killed,
     _cp: Killed,
     _dir: tempfile::TempDir,
@@ -82,6 +86,19 @@ impl Stack {
         fail: &str,
         push: bool,
         chained: bool,
+    ) -> Stack {
+        Self::start_with(envoy, api_type, url_repo, fail, push, chained, &[]).await
+    }
+
+    /// [`Stack::start`] with extra agent flags.
+    async fn start_with(
+        envoy: &Path,
+        api_type: &str,
+        url_repo: &str,
+        fail: &str,
+        push: bool,
+        chained: bool,
+        extra: &[&str],
     ) -> Stack {
         let reg = Registry::plain().await;
         if push {
@@ -132,14 +149,19 @@ impl Stack {
         } else {
             format!("http://{cp_addr}")
         };
+        let mut agent_args: Vec<String> = [
+            "--insecure-registries",
+            &reg.addr,
+            "--retry-max-backoff",
+            "2s",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        agent_args.extend(extra.iter().map(|a| a.to_string()));
         let agent = Agent::builder(&upstream)
             .listen(&format!("unix:{}", sock.display()))
-            .args([
-                "--insecure-registries",
-                &reg.addr,
-                "--retry-max-backoff",
-                "2s",
-            ])
+            .args(agent_args.clone())
             .start()
             .await;
         let admin_port = free_port();
@@ -160,10 +182,51 @@ impl Stack {
             envoy_admin: format!("127.0.0.1:{admin_port}"),
             cp_log,
             agent,
+            upstream,
+            sock,
+            agent_args,
             _envoy: Killed(envoy),
             _cp: cp,
             _dir: dir,
         }
+    }
+
+    /// Stops the agent (SIGTERM) and starts a new one on the same socket and cache; returns
+    /// the old one (keep it: it may own the cache directory).
+    async fn restart_agent(&mut self) -> Agent {
+        self.agent.terminate();
+        let next = Agent::builder(&self.upstream)
+            .listen(&format!("unix:{}", self.sock.display()))
+            .cache_dir(&self.agent.cache_dir)
+            .args(self.agent_args.clone())
+            .start()
+            .await;
+        std::mem::replace(&mut self.agent, next)
+    }
+
+    /// `curl` (HTTP/2, no TLS) GET of `path` on the agent's xDS socket: status and body.
+    fn get_from_agent(&self, path: &str) -> (u16, Vec<u8>) {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--path-as-is",
+                "--http2-prior-knowledge",
+                "--max-time",
+                "10",
+                "--unix-socket",
+            ])
+            .arg(&self.sock)
+            .args(["-w", "\n%{http_code}", &format!("http://ecds-agent{path}")])
+            .output()
+            .expect("curl");
+        let mut body = out.stdout;
+        let nl = body.iter().rposition(|b| *b == b'\n').unwrap_or(0);
+        let code = String::from_utf8_lossy(&body[nl + 1..])
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        body.truncate(nl);
+        (code, body)
     }
 
     async fn status(&self, path: &str, auth: Option<&str>) -> u16 {
@@ -364,5 +427,130 @@ async fn bad_url_fail_open_gives_200() {
     assert!(
         dump.contains("wasm-default-allow"),
         "allow-all stand-in in Envoy:\n{dump}"
+    );
+}
+
+/// `--remote-via-cluster xds-grpc`: Envoy gets a `remote` source with the verified sha256 and
+/// fetches the module from the agent over its ADS connection; the next push hits Envoy's own
+/// code cache; the agent serves only modules in use; a restarted agent keeps it working.
+#[tokio::test]
+async fn remote_delivery_over_the_ads_cluster_survives_an_agent_restart() {
+    let Some(envoy) = envoy_bin() else { return };
+    let mut s = Stack::start_with(
+        &envoy,
+        "GRPC",
+        &format!("{REPO}:1.12.0"),
+        "FAIL_CLOSE",
+        true,
+        false,
+        &[
+            "--remote-via-cluster",
+            "xds-grpc",
+            "--remote-min-bytes",
+            "1",
+        ],
+    )
+    .await;
+    s.until("/productpage", None, 401, 30).await;
+    assert_eq!(s.status("/productpage", Some(ADMIN3)).await, 200);
+    let sha = support::registry::sha256_hex(&plugin_wasm());
+    let dump = s.config_dump().await;
+    assert!(
+        dump.contains(&format!("http://ecds-agent/ecds-agent.modules/{sha}"))
+            && dump.contains(&format!("\"sha256\": \"{sha}\""))
+            && dump.contains("\"cluster\": \"xds-grpc\""),
+        "Envoy fetches the verified module from the agent:\n{dump}"
+    );
+    assert!(
+        !dump.contains("oci://") && !dump.contains("\"filename\""),
+        "{dump}"
+    );
+    assert_eq!(
+        s.agent
+            .metric("ecds_agent_wasm_module_serves", "result=\"served\"")
+            .await,
+        1.0,
+        "Envoy fetched it once"
+    );
+
+    // The agent serves what is in use, byte for byte, and nothing else.
+    let (code, body) = s.get_from_agent(&format!("/ecds-agent.modules/{sha}"));
+    assert_eq!(code, 200);
+    assert_eq!(support::registry::sha256_hex(&body), sha);
+    let (code, _) = s.get_from_agent(&format!("/ecds-agent.modules/{}", "0".repeat(64)));
+    assert_eq!(code, 404);
+    let (code, _) = s.get_from_agent("/ecds-agent.modules/../index.json");
+    assert_eq!(code, 404);
+
+    // A new push of the same module: Envoy's code cache, no fetch.
+    std::fs::write(
+        &s.yaml,
+        wasmplugin_yaml(
+            &s.reg.url(&format!("{REPO}:1.12.0")),
+            "FAIL_CLOSE",
+            &["new:pass"],
+        ),
+    )
+    .unwrap();
+    s.until("/productpage", Some("Basic bmV3OnBhc3M="), 200, 20)
+        .await;
+    assert_eq!(
+        s.agent
+            .metric("ecds_agent_wasm_module_serves", "result=\"served\"")
+            .await,
+        2.0,
+        "one fetch plus the curl above"
+    );
+
+    // The agent restarts (registry gone): Envoy reconnects, the module stays in force, and
+    // the next push works from the new agent's cache.
+    s.reg.stop();
+    let _old = s.restart_agent().await;
+    std::fs::write(
+        &s.yaml,
+        wasmplugin_yaml(
+            &s.reg.url(&format!("{REPO}:1.12.0")),
+            "FAIL_CLOSE",
+            &["third:pass"],
+        ),
+    )
+    .unwrap();
+    s.until("/productpage", Some("Basic dGhpcmQ6cGFzcw=="), 200, 30)
+        .await;
+    assert_eq!(s.status("/productpage", None).await, 401);
+    let (code, body) = s.get_from_agent(&format!("/ecds-agent.modules/{sha}"));
+    assert_eq!(
+        (code, support::registry::sha256_hex(&body) == sha),
+        (200, true)
+    );
+}
+
+/// `--inline-max-bytes`: a filter-sized module rides in the ECDS resource itself.
+#[tokio::test]
+async fn small_modules_can_be_delivered_inline() {
+    let Some(envoy) = envoy_bin() else { return };
+    let s = Stack::start_with(
+        &envoy,
+        "DELTA_GRPC",
+        &format!("{REPO}:1.12.0"),
+        "FAIL_CLOSE",
+        true,
+        false,
+        &["--inline-max-bytes", "1048576"],
+    )
+    .await;
+    s.until("/productpage", None, 401, 30).await;
+    assert_eq!(s.status("/productpage", Some(ADMIN3)).await, 200);
+    let dump = s.config_dump().await;
+    assert!(
+        dump.contains("\"inline_bytes\"") && !dump.contains("\"filename\""),
+        "the module is inline:\n{}",
+        &dump[..dump.len().min(3000)]
+    );
+    assert_eq!(
+        s.agent
+            .metric("ecds_agent_wasm_deliveries", "source=\"inline\"")
+            .await,
+        1.0
     );
 }

@@ -94,6 +94,7 @@ pub async fn run(mode: Mode) -> Vec<Sample> {
             max_backoff: Duration::from_secs(60),
             permanent_recheck: Duration::from_secs(300),
         },
+        Default::default(),
     );
     let iters = match mode {
         Mode::Full => 20_000,

@@ -1,5 +1,6 @@
 //! Converting one ECDS resource: a `TypedExtensionConfig` holding a Wasm filter with remote
-//! code becomes the same resource with `code.local.filename` pointing into the cache. On
+//! code becomes the same resource with its code pointing at the verified module in the cache
+//! (`code.local.filename` by default; see [`super::delivery`]). On
 //! failure the caller gets a stand-in and, where retrying can help, a [`HealJob`] that
 //! [`Converter::heal`] runs until the module arrives.
 //!
@@ -8,13 +9,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{
-    async_data_source, data_source, AsyncDataSource, DataSource, TypedExtensionConfig,
-};
+use envoy_types::pb::envoy::config::core::v3::{async_data_source, TypedExtensionConfig};
 use envoy_types::pb::google::protobuf::Any;
 use metrics::counter;
 use prost::Message;
 
+use super::delivery::{code_source, Delivery};
 use super::env::take_hints;
 use super::standin;
 use super::wasm_filter::{classify, WasmFilter};
@@ -230,6 +230,7 @@ pub struct Converter {
     cache: Arc<Cache>,
     mode: FailureMode,
     retry: RetryPolicy,
+    delivery: Delivery,
 }
 
 fn wrap(name: &str, typed_config: Any) -> Any {
@@ -243,18 +244,13 @@ fn wrap(name: &str, typed_config: Any) -> Any {
     }
 }
 
-/// The filter with its code pointed at `module`.
-fn rewrite(filter: &WasmFilter, name: &str, module: &Module) -> Any {
+/// The filter with its code pointed at `module`, delivered as `delivery` says for its size.
+fn rewrite(filter: &WasmFilter, name: &str, module: &Module, delivery: &Delivery) -> Any {
     let mut filter = filter.clone();
     if let Some(vm) = filter.vm_config_mut() {
-        vm.code = Some(AsyncDataSource {
-            specifier: Some(async_data_source::Specifier::Local(DataSource {
-                specifier: Some(data_source::Specifier::Filename(
-                    module.path.to_string_lossy().into_owned(),
-                )),
-                ..Default::default()
-            })),
-        });
+        let (code, source) = code_source(delivery, module);
+        counter!(m::DELIVERIES, "source" => source.label()).increment(1);
+        vm.code = Some(code);
     }
     wrap(name, filter.encode())
 }
@@ -279,15 +275,26 @@ fn fetch_timeout(d: Option<envoy_types::pb::google::protobuf::Duration>) -> Dura
 }
 
 impl Converter {
-    pub fn new(cache: Arc<Cache>, mode: FailureMode, retry: RetryPolicy) -> Self {
+    pub fn new(
+        cache: Arc<Cache>,
+        mode: FailureMode,
+        retry: RetryPolicy,
+        delivery: Delivery,
+    ) -> Self {
         Self {
             cache,
             mode,
+            delivery,
             retry: RetryPolicy {
                 max_backoff: retry.max_backoff.max(HEAL_INITIAL),
                 permanent_recheck: retry.permanent_recheck,
             },
         }
+    }
+
+    /// The code source `module` is delivered with (see [`super::delivery::choose`]).
+    pub fn source_for(&self, module: &Module) -> super::delivery::Source {
+        super::delivery::choose(&self.delivery, module.size)
     }
 
     pub fn cache(&self) -> &Arc<Cache> {
@@ -389,7 +396,7 @@ impl Converter {
         };
         match self.cache.get(&url, opts.clone()).await {
             Ok(module) => Outcome::Converted {
-                any: rewrite(&filter, &name, &module),
+                any: rewrite(&filter, &name, &module, &self.delivery),
                 name,
                 module,
             },
@@ -432,7 +439,10 @@ impl Converter {
                 Ok(module) => {
                     counter!(m::CONVERSION_COUNT, "result" => ConversionResult::Success.label())
                         .increment(1);
-                    return (rewrite(&job.filter, &job.name, &module), module);
+                    return (
+                        rewrite(&job.filter, &job.name, &module, &self.delivery),
+                        module,
+                    );
                 }
                 Err(e) => {
                     if e.is_permanent() != permanent {

@@ -15,6 +15,7 @@
 //! * `session`      — one stream's ECDS responses: convert, deliver, NACK, heal, unsubscribe
 
 pub mod convert;
+pub mod delivery;
 pub mod env;
 mod session;
 pub mod standin;

@@ -284,7 +284,8 @@ impl<F: Flavor> EcdsSession<F> {
                 },
                 Outcome::Converted { any, module, .. } => {
                     info!(resource = %name, path = %module.path.display(), sha256 = %module.sha256,
-                          fetched = module.fetched, "Wasm module delivered as local file");
+                          fetched = module.fetched, source = self.conv.source_for(&module).label(),
+                          "Wasm module delivered");
                     delivered.converted = true;
                     deliver.push(Carried {
                         any: Some(any),

@@ -1156,6 +1156,13 @@ impl Cache {
         })
     }
 
+    /// The file of module `sha` if this process has it in use (pinned by a live resource, or
+    /// handed out moments ago): what [`super::serve`] may hand to Envoy's own fetch.
+    pub fn served_file(&self, sha: &str) -> Option<std::path::PathBuf> {
+        let st = self.lock();
+        (st.in_use(sha) && st.index.modules.contains_key(sha)).then(|| self.store.module_path(sha))
+    }
+
     /// Records that `owner`'s resource `name` uses module `sha` (`None`: uses none).
     pub fn pin(&self, owner: u64, name: &str, sha: Option<&str>) {
         let mut st = self.lock();

@@ -44,6 +44,7 @@ mod pins;
 mod proofs;
 mod retention;
 pub mod secret;
+pub mod serve;
 pub mod signature;
 pub mod store;
 pub mod tls;

@@ -94,10 +94,13 @@ impl tower::Service<http::Request<tonic::body::Body>> for AdsProxy {
     }
 }
 
-/// Serves ADS on `bound` until `shutdown` completes and the streams have ended.
+/// Serves ADS on `bound`, next to the services of `others` (routed by their names; the
+/// binary's, this module knows none of them), until `shutdown` completes and the streams
+/// have ended.
 pub async fn serve(
     bound: Bound,
     ctx: Arc<ProxyContext>,
+    others: tonic::service::Routes,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let svc = AdsProxy { ctx };
@@ -106,7 +109,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
-        .add_service(svc);
+        .add_routes(others.add_service(svc));
     match bound {
         Bound::Unix(l) => {
             router

@@ -1,0 +1,200 @@
+//! Cached modules served over HTTP by their sha256 (`GET /ecds-agent.modules/<sha256>`), on
+//! the agent's own xDS listener, so that a client that already reaches the agent (Envoy, over
+//! its ADS cluster) can fetch a module the agent verified with its own remote fetch.
+//!
+//! Only modules this process has in use (pinned by a live resource, or handed out moments ago)
+//! are served: the endpoint is not a way around the signature policy or a registry's
+//! credentials for anything else in a shared cache. The file is streamed in chunks (memory per
+//! request is one chunk) with its length; a read error ends the body early, so a client never
+//! sees a short body as complete. The client checks the sha256 (Envoy's `remote.sha256`).
+//!
+//! Owns the HTTP side of serving; which modules are in use is the cache's.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::Frame;
+use metrics::counter;
+use tokio::io::AsyncReadExt;
+use tonic::server::NamedService;
+
+use super::Cache;
+use crate::metrics as m;
+
+/// The authority of the URLs handed out (any works: the client's cluster picks the socket).
+const AUTHORITY: &str = "ecds-agent";
+/// Bytes read and sent at a time.
+const CHUNK: usize = 256 << 10;
+
+/// The URL a module is served at.
+pub fn url_for(sha256: &str) -> String {
+    format!("http://{AUTHORITY}/{}/{sha256}", ModuleService::NAME)
+}
+
+/// The sha256 named by a request path, if it is one of ours and well formed.
+fn requested(path: &str) -> Option<&str> {
+    let sha = path
+        .strip_prefix('/')?
+        .strip_prefix(ModuleService::NAME)?
+        .strip_prefix('/')?;
+    (sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(sha)
+}
+
+/// The service; clone per connection.
+#[derive(Clone)]
+pub struct ModuleService {
+    cache: Arc<Cache>,
+}
+
+impl ModuleService {
+    pub fn new(cache: Arc<Cache>) -> Self {
+        Self { cache }
+    }
+}
+
+impl NamedService for ModuleService {
+    const NAME: &'static str = "ecds-agent.modules";
+}
+
+type Response = http::Response<tonic::body::Body>;
+
+fn status(code: http::StatusCode, why: &'static str) -> Response {
+    let mut r = http::Response::new(tonic::body::Body::new(http_body_util::Full::new(
+        Bytes::from_static(why.as_bytes()),
+    )));
+    *r.status_mut() = code;
+    r
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for ModuleService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let cache = self.cache.clone();
+        let method = req.method().clone();
+        let sha = requested(req.uri().path()).map(str::to_owned);
+        Box::pin(async move {
+            let resp = serve(&cache, &method, sha.as_deref()).await;
+            let result = if resp.status().is_success() {
+                "served"
+            } else {
+                "refused"
+            };
+            counter!(m::MODULE_SERVES, "result" => result).increment(1);
+            Ok(resp)
+        })
+    }
+}
+
+async fn serve(cache: &Cache, method: &http::Method, sha: Option<&str>) -> Response {
+    if method != http::Method::GET && method != http::Method::HEAD {
+        return status(http::StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    let Some(sha) = sha else {
+        return status(http::StatusCode::NOT_FOUND, "no such module\n");
+    };
+    let Some(path) = cache.served_file(sha) else {
+        tracing::debug!(sha256 = %sha, "module asked for is not in use here; not served");
+        return status(http::StatusCode::NOT_FOUND, "module not in use here\n");
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(sha256 = %sha, error = %e, "cannot open a module to serve it");
+            return status(http::StatusCode::NOT_FOUND, "module not in use here\n");
+        }
+    };
+    let len = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(_) => return status(http::StatusCode::NOT_FOUND, "module not in use here\n"),
+    };
+    tracing::debug!(sha256 = %sha, bytes = len, "serving a module");
+    let body = if method == http::Method::HEAD {
+        tonic::body::Body::empty()
+    } else {
+        tonic::body::Body::new(http_body_util::StreamBody::new(chunks(file, path, len)))
+    };
+    let mut r = http::Response::new(body);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/wasm"),
+    );
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    r
+}
+
+/// The file's `len` bytes in chunks; an error (or a file that shrank) ends the stream with
+/// an error, so the response is reset rather than ended short.
+fn chunks(
+    file: tokio::fs::File,
+    path: PathBuf,
+    len: u64,
+) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send {
+    futures::stream::unfold((file, len), move |(mut file, left)| {
+        let path = path.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let want = CHUNK.min(usize::try_from(left).unwrap_or(CHUNK));
+            let mut buf = vec![0u8; want];
+            let mut got = 0;
+            while got < want {
+                match file.read(&mut buf[got..]).await {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) => return Some((Err(e), (file, 0))),
+                }
+            }
+            if got < want {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{} shrank while being served", path.display()),
+                );
+                return Some((Err(e), (file, 0)));
+            }
+            buf.truncate(got);
+            Some((Ok(Frame::data(Bytes::from(buf))), (file, left - got as u64)))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let sha = "ab".repeat(32);
+        assert_eq!(
+            requested(&format!("/ecds-agent.modules/{sha}")),
+            Some(sha.as_str())
+        );
+        assert_eq!(
+            url_for(&sha),
+            format!("http://ecds-agent/ecds-agent.modules/{sha}")
+        );
+        for bad in [
+            format!("/ecds-agent.modules/{}", "AB".repeat(32)),
+            format!("/ecds-agent.modules/{}", "ab".repeat(31)),
+            format!("/ecds-agent.modules/../{sha}"),
+            format!("/ecds-agent.modules/{sha}/x"),
+            format!("/other/{sha}"),
+            "/ecds-agent.modules/".to_owned(),
+        ] {
+            assert_eq!(requested(&bad), None, "{bad}");
+        }
+    }
+}

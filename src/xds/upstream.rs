@@ -120,6 +120,9 @@ impl UpstreamTls {
     }
 }
 
+/// The HTTP/2 frame size the control plane may send (SETTINGS_MAX_FRAME_SIZE).
+const UPSTREAM_MAX_FRAME: u32 = 256 << 10;
+
 fn endpoint(
     uri: &http::Uri,
     tls: &UpstreamTls,
@@ -136,7 +139,11 @@ fn endpoint(
         .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(16 << 20));
+        .initial_connection_window_size(Some(16 << 20))
+        // Large responses may come in frames of up to 256 KiB (the sender picks; grpc-go keeps
+        // to 16 KiB): per frame, h2's reader reserves and copies the partial tail once, so
+        // bigger frames cut copies and reads per relayed MiB (scripts/relay-cost.sh).
+        .max_frame_size(Some(UPSTREAM_MAX_FRAME));
     if uri.scheme_str() == Some("https") {
         let mut cfg = ClientTlsConfig::new();
         cfg = match &files.ca {

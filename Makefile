@@ -16,7 +16,7 @@ DEB_PKGS := docker-registry skopeo wabt apache2-utils openssl curl jq clang lld 
 PLUGIN_DIR := testdata/plugins/basic_auth
 PLUGIN_CFLAGS := --target=wasm32-wasi -O2 -mexec-model=reactor -Wl,--strip-all
 
-.PHONY: all build test test-deps deps envoy grpcio demo lint bench plugin plugin-check clean fuzz image conformance
+.PHONY: all build test test-deps deps envoy grpcio demo lint bench relay-cost plugin plugin-check clean fuzz image conformance
 
 all: build
 
@@ -63,6 +63,18 @@ test: test-deps plugin-check lint
 BENCH ?=
 bench: test-deps
 	ENVOY_BIN=$(ENVOY) ECDS_BENCH_ONLY=$(BENCH) $(CARGO) bench --bench suite
+
+## What the agent costs per relayed MiB of a ~15 MB CDS response (instructions under callgrind,
+## syscalls and CPU from perf), SotW and Delta, grpcio on both sides (BENCHMARKS.md).
+RELAY_PKGS := valgrind strace linux-perf
+relay-cost: test-deps
+	@missing=""; for p in $(RELAY_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	$(CARGO) build --release $(FEATURES)
+	PYTHON=$(VENV)/bin/python bash scripts/relay-cost.sh
 
 ## The proxy-wasm basic-auth plugin, built from C (checked-in .wasm must match).
 plugin: deps

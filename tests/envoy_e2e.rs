@@ -229,6 +229,25 @@ impl Stack {
         (code, body)
     }
 
+    /// A new push of the same module whose only credentials are `user_pass`; waits (up to
+    /// `secs`) until they open /productpage.
+    async fn push_credentials(&self, user_pass: &str, secs: u64) {
+        std::fs::write(
+            &self.yaml,
+            wasmplugin_yaml(
+                &self.reg.url(&format!("{REPO}:1.12.0")),
+                "FAIL_CLOSE",
+                &[user_pass],
+            ),
+        )
+        .unwrap();
+        let auth = format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, user_pass)
+        );
+        self.until("/productpage", Some(&auth), 200, secs).await;
+    }
+
     async fn status(&self, path: &str, auth: Option<&str>) -> u16 {
         let c = reqwest::Client::new();
         let mut r = c
@@ -317,17 +336,7 @@ async fn seed_walkthrough(api_type: &str, chained: bool) {
     assert!(!dump.contains("oci://"), "no remote code reaches Envoy");
 
     // A new push (changed credentials) takes effect.
-    std::fs::write(
-        &s.yaml,
-        wasmplugin_yaml(
-            &s.reg.url(&format!("{REPO}:1.12.0")),
-            "FAIL_CLOSE",
-            &["new:pass"],
-        ),
-    )
-    .unwrap();
-    s.until("/productpage", Some("Basic bmV3OnBhc3M="), 200, 20)
-        .await;
+    s.push_credentials("new:pass", 20).await;
     assert_eq!(
         s.status("/productpage", Some(ADMIN3)).await,
         401,
@@ -483,17 +492,7 @@ async fn remote_delivery_over_the_ads_cluster_survives_an_agent_restart() {
     assert_eq!(code, 404);
 
     // A new push of the same module: Envoy's code cache, no fetch.
-    std::fs::write(
-        &s.yaml,
-        wasmplugin_yaml(
-            &s.reg.url(&format!("{REPO}:1.12.0")),
-            "FAIL_CLOSE",
-            &["new:pass"],
-        ),
-    )
-    .unwrap();
-    s.until("/productpage", Some("Basic bmV3OnBhc3M="), 200, 20)
-        .await;
+    s.push_credentials("new:pass", 20).await;
     assert_eq!(
         s.agent
             .metric("ecds_agent_wasm_module_serves", "result=\"served\"")
@@ -506,17 +505,7 @@ async fn remote_delivery_over_the_ads_cluster_survives_an_agent_restart() {
     // the next push works from the new agent's cache.
     s.reg.stop();
     let _old = s.restart_agent().await;
-    std::fs::write(
-        &s.yaml,
-        wasmplugin_yaml(
-            &s.reg.url(&format!("{REPO}:1.12.0")),
-            "FAIL_CLOSE",
-            &["third:pass"],
-        ),
-    )
-    .unwrap();
-    s.until("/productpage", Some("Basic dGhpcmQ6cGFzcw=="), 200, 30)
-        .await;
+    s.push_credentials("third:pass", 30).await;
     assert_eq!(s.status("/productpage", None).await, 401);
     let (code, body) = s.get_from_agent(&format!("/ecds-agent.modules/{sha}"));
     assert_eq!(

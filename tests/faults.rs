@@ -65,9 +65,15 @@ fn assert_consistent(cache: &Path) {
 }
 
 fn fetch(url: &str, cache: &Path) -> std::process::Child {
+    fetch_with(url, cache, &[])
+}
+
+/// `ecds-agent fetch URL` into `cache`, with `extra` flags.
+fn fetch_with(url: &str, cache: &Path, extra: &[&str]) -> std::process::Child {
     Command::new(support::agent::BIN)
         .args(["fetch", url, "--timeout", "60s", "--cache-dir"])
         .arg(cache)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -169,11 +175,8 @@ async fn sigkill_right_after_delivery_keeps_the_delivered_file_whole() {
                 ..Default::default()
             },
         );
-        let out = Command::new(support::agent::BIN)
-            .args(["fetch", &srv.url(&name), "--sha256", &sha256_hex(&wasm)])
-            .arg("--cache-dir")
-            .arg(&cache)
-            .output()
+        let out = fetch_with(&srv.url(&name), &cache, &["--sha256", &sha256_hex(&wasm)])
+            .wait_with_output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(

@@ -93,8 +93,8 @@ pub fn code_source(d: &Delivery, module: &Module) -> (AsyncDataSource, Source) {
             module.path.to_string_lossy().into_owned(),
         ))
     };
-    match choose(d, module.size) {
-        Source::Inline => match inline_bytes(module, d.inline_max) {
+    match (choose(d, module.size), &d.remote) {
+        (Source::Inline, _) => match inline_bytes(module, d.inline_max) {
             Ok(bytes) => (
                 local(data_source::Specifier::InlineBytes(bytes)),
                 Source::Inline,
@@ -105,13 +105,8 @@ pub fn code_source(d: &Delivery, module: &Module) -> (AsyncDataSource, Source) {
                 (file(), Source::File)
             }
         },
-        Source::File => (file(), Source::File),
-        Source::Remote => {
-            let cluster = d
-                .remote
-                .as_ref()
-                .map(|r| r.cluster.clone())
-                .unwrap_or_default();
+        (Source::Remote, Some(via)) => {
+            let cluster = via.cluster.clone();
             let remote = RemoteDataSource {
                 http_uri: Some(HttpUri {
                     uri: crate::wasm::serve::url_for(&module.sha256),
@@ -150,6 +145,8 @@ pub fn code_source(d: &Delivery, module: &Module) -> (AsyncDataSource, Source) {
                 Source::Remote,
             )
         }
+        // `choose` gives Remote only with a cluster.
+        _ => (file(), Source::File),
     }
 }
 

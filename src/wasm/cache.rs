@@ -86,9 +86,6 @@ struct State {
     saved: u64,
     /// The last change number written with fsync (`saved` may be ahead: in the page cache).
     synced: u64,
-    /// Modules renamed into place whose fsync has not run yet: whole in the page cache,
-    /// already delivered and indexed; [`Cache::make_durable`] syncs them.
-    unsynced: std::collections::HashSet<String>,
 }
 
 impl State {
@@ -261,14 +258,27 @@ impl Cache {
     async fn write_index(&self, want: u64, durability: Durability) {
         let (upto, snapshot) = {
             let st = self.lock();
-            let done = match durability {
-                Durability::Disk => st.synced,
-                Durability::PageCache => st.saved,
-            };
-            if done >= want {
-                return;
+            match durability {
+                Durability::PageCache if st.saved >= want => return,
+                Durability::Disk if st.synced >= want => return,
+                // Written already, only not fsynced: fsync the file instead of writing it again.
+                Durability::Disk if st.saved >= want => (st.saved, None),
+                _ => (st.edits, Some(st.index.clone())),
             }
-            (st.edits, st.index.clone())
+        };
+        let Some(snapshot) = snapshot else {
+            let store = self.store.clone();
+            match tokio::task::spawn_blocking(move || store.sync_index()).await {
+                Ok(Ok(())) => {
+                    let mut st = self.lock();
+                    st.synced = st.synced.max(upto);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot fsync the cache index; will retry")
+                }
+                Err(e) => tracing::warn!(error = %e, "cache index fsync task failed"),
+            }
+            return;
         };
         let store = self.store.clone();
         let saved: Vec<String> = snapshot.modules.keys().cloned().collect();
@@ -833,8 +843,8 @@ impl Cache {
                 (f, Some(p))
             }
         };
-        let module = match fetched {
-            Fetched::Cached(module) => module,
+        let (module, fresh) = match fetched {
+            Fetched::Cached(module) => (module, false),
             Fetched::New(new) => {
                 let digests = new.digests.clone();
                 let stored = self.store_module(url, &shown, new).await;
@@ -872,31 +882,28 @@ impl Cache {
             let want = self.lock().edits;
             self.write_index(want, Durability::PageCache).await;
         }
-        self.make_durable(&module, Some(lock));
+        self.make_durable(&module, fresh, Some(lock));
         Ok(module)
     }
 
     /// The durable tail of a download, off the caller's path (Envoy needs the bytes in the
-    /// page cache, not on the platter): fsync the module if it is new, then write the index
-    /// with fsync, and only then release the download lock `lock`. A power loss before the
+    /// page cache, not on the platter): fsync the module if it is `fresh` (renamed into place
+    /// by this call), then make the index durable, and only then release the download lock `lock`. A power loss before the
     /// end loses at most the index entry (the next open drops an indexed file that does not
     /// hash to its name, and adopts a whole one the index lost). Every path that stores a
     /// module ends here; [`Cache::save`] waits for it.
-    fn make_durable(self: &Arc<Self>, module: &Module, lock: Option<std::fs::File>) {
+    fn make_durable(self: &Arc<Self>, module: &Module, fresh: bool, lock: Option<std::fs::File>) {
         let me = self.clone();
-        let (sha, path) = (module.sha256.clone(), module.path.clone());
+        let path = module.path.clone();
         let task = tokio::spawn(async move {
-            let pending = me.lock().unsynced.contains(&sha);
-            if pending {
-                let p = path.clone();
-                let synced = tokio::task::spawn_blocking(move || super::store::sync_module(&p))
+            if fresh {
+                let synced = tokio::task::spawn_blocking(move || super::store::sync_file(&path))
                     .await
                     .unwrap_or_else(|e| Err(format!("fsync task failed: {e}")));
                 if let Err(e) = synced {
                     // Purged meanwhile, or a disk error: the next open checks the file.
                     tracing::warn!(error = %e, "module not made durable");
                 }
-                me.lock().unsynced.remove(&sha);
             }
             let _g = me.save_lock.lock().await;
             let want = me.lock().edits;
@@ -908,14 +915,15 @@ impl Cache {
         syncs.push(task);
     }
 
-    /// Validates a new module, renames it into place and indexes it in memory; the caller
-    /// then hands it to [`Cache::make_durable`].
+    /// Validates a new module, renames it into place and indexes it in memory; returns it and
+    /// whether this call put its file in place, for the caller to hand to
+    /// [`Cache::make_durable`].
     async fn store_module(
         &self,
         url: &str,
         shown: &str,
         new: NewModule,
-    ) -> Result<Module, FetchError> {
+    ) -> Result<(Module, bool), FetchError> {
         let NewModule {
             file,
             sha,
@@ -970,16 +978,13 @@ impl Cache {
             entry.urls.insert(redact(url));
             entry.oci_digests.extend(digests.iter().cloned());
             entry.served_by = Some(served_by.clone());
-            if fresh {
-                st.unsynced.insert(sha.clone());
-            }
             st.changed();
         }
         counter!(m::FETCHES_SERVED, "host" => m::bounded_label(m::FETCHES_SERVED, &served_by))
             .increment(1);
         self.enforce_budget(&sha).await;
         self.publish_gauges();
-        Ok(Module {
+        let module = Module {
             path,
             sha256: sha,
             oci_digest: digests.into_iter().next(),
@@ -987,7 +992,8 @@ impl Cache {
             matched,
             fetched: true,
             served_by: Some(served_by),
-        })
+        };
+        Ok((module, fresh))
     }
 
     /// The cached module whose OCI digest is `resolved`'s, if it satisfies `expected` (lookup
@@ -1264,7 +1270,7 @@ impl Cache {
         let parsed = ModuleUrl::parse(&imp.url)?;
         let url = parsed.canonical();
         let shown = redact(&url);
-        let module = self.store_module(&url, &shown, imp.new).await?;
+        let (module, fresh) = self.store_module(&url, &shown, imp.new).await?;
         if let Some((digest, fingerprint)) = &imp.signed {
             self.note_signature(&module.sha256, digest, fingerprint);
         }
@@ -1278,7 +1284,7 @@ impl Cache {
             st.index.url_mut(&url).fetched_at_ms = now_ms();
             st.changed();
         }
-        self.make_durable(&module, None);
+        self.make_durable(&module, fresh, None);
         self.save().await;
         Ok(module)
     }

@@ -117,9 +117,9 @@ fn sync_dir_of(path: &Path) {
     }
 }
 
-/// Makes a module file that [`Store::place_module`] put in place durable: fsync of the file,
-/// then of its directory.
-pub fn sync_module(path: &Path) -> Result<(), String> {
+/// Makes a file already in place durable (a module [`Store::place_module`] renamed, an index
+/// written to the page cache): fsync of the file, then of its directory.
+pub fn sync_file(path: &Path) -> Result<(), String> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| io_ctx("cannot fsync", path, e))?;
@@ -292,8 +292,8 @@ impl Store {
 
     /// Moves a complete, verified module file into place under its sha256, without waiting for
     /// the disk: the bytes are whole in the page cache, which is all a reader (Envoy) needs.
-    /// `Ok((path, true))` when it was renamed into place and still needs [`sync_module`]
-    /// before an index on disk may name it; `false` when the same module was already there
+    /// `Ok((path, true))` when it was renamed into place and still needs [`sync_file`];
+    /// `false` when the same module was already there
     /// (the temp file is dropped).
     pub fn place_module(&self, tmp: TempFile, sha: &str) -> Result<(PathBuf, bool), String> {
         let path = self.module_path(sha);
@@ -329,6 +329,11 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_ctx("cannot remove", &p, e)),
         }
+    }
+
+    /// Makes the index file written with [`Durability::PageCache`] durable.
+    pub fn sync_index(&self) -> Result<(), String> {
+        sync_file(&self.index_path())
     }
 
     pub fn save_index(&self, index: &Index, durability: Durability) -> Result<(), String> {

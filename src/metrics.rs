@@ -39,11 +39,13 @@ pub const SIGNATURE_CHECKS: &str = "ecds_agent_wasm_signature_checks";
 pub const PULL_AUTH_CHECKS: &str = "ecds_agent_wasm_pull_auth_checks";
 /// Modules fetched, by the host that served them (`host`: a mirror or the origin).
 pub const FETCHES_SERVED: &str = "ecds_agent_wasm_fetches_served";
-/// Module requests of Envoy's own remote fetch answered by the agent (`result`: served,
-/// refused).
+/// Module requests of Envoy's own remote fetch answered by the agent (`result`: served from
+/// the file, streamed while the agent downloads it, refused).
 pub const MODULE_SERVES: &str = "ecds_agent_wasm_module_serves";
 /// Modules handed to Envoy, by code source (`source`: file, inline, remote).
 pub const DELIVERIES: &str = "ecds_agent_wasm_deliveries";
+/// Modules delivered while downloading (streamed to Envoy) whose download then failed.
+pub const LATE_FAILURES: &str = "ecds_agent_wasm_streamed_failures";
 pub const HEAL_DELIVERIES: &str = "ecds_agent_wasm_heal_deliveries";
 pub const HEAL_ATTEMPTS: &str = "ecds_agent_wasm_heal_attempts";
 
@@ -172,6 +174,10 @@ pub fn describe() {
         "modules delivered to Envoy by background retry, without a new push"
     );
     describe_counter!(HEAL_ATTEMPTS, "background retries of failed module fetches");
+    describe_counter!(
+        LATE_FAILURES,
+        "modules streamed to Envoy while downloading whose download then failed verification"
+    );
     describe_counter!(
         MODULE_SERVES,
         "module requests of Envoy's own remote fetch answered by the agent, by result"

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use support::{free_port, Agent, Layout, Registry};
+use support::{free_port, Agent, Layout, ModuleServer, Registry, Route};
 
 const REPO: &str = "istio-ecosystem/wasm-extensions/basic_auth";
 const ADMIN3: &str = "Basic YWRtaW4zOmFkbWluMw==";
@@ -39,6 +39,40 @@ fn plugin_wasm() -> Vec<u8> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/plugins/basic_auth/basic_auth.wasm"),
     )
     .unwrap()
+}
+
+/// The plugin padded with a custom section to `size` bytes or more (Envoy ignores it).
+fn padded_plugin(size: usize) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    let mut wasm = plugin_wasm();
+    let name = b"padding";
+    let payload = size.saturating_sub(wasm.len());
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name);
+    body.extend((0..payload).map(|i| (i % 251) as u8));
+    wasm.push(0);
+    leb(body.len(), &mut wasm);
+    wasm.extend_from_slice(&body);
+    wasm
+}
+
+/// `wasmplugin_yaml` for an HTTP(S) URL with the module's sha256.
+fn wasmplugin_yaml_sha(url: &str, sha: &str, fail: &str, credentials: &[&str]) -> String {
+    wasmplugin_yaml(url, fail, credentials).replace(
+        &format!("  url: {url}\n"),
+        &format!("  url: {url}\n  sha256: {sha}\n"),
+    )
 }
 
 fn wasmplugin_yaml(url: &str, fail: &str, credentials: &[&str]) -> String {
@@ -100,6 +134,25 @@ impl Stack {
         chained: bool,
         extra: &[&str],
     ) -> Stack {
+        Self::start_custom(envoy, api_type, push, chained, extra, |reg| {
+            wasmplugin_yaml(
+                &reg.url(url_repo),
+                fail,
+                &["ok:test", "YWRtaW4zOmFkbWluMw=="],
+            )
+        })
+        .await
+    }
+
+    /// [`Stack::start_with`] with the WasmPlugin the control plane starts with.
+    async fn start_custom(
+        envoy: &Path,
+        api_type: &str,
+        push: bool,
+        chained: bool,
+        extra: &[&str],
+        wasmplugin: impl FnOnce(&Registry) -> String,
+    ) -> Stack {
         let reg = Registry::plain().await;
         if push {
             reg.push(REPO, "1.12.0", &plugin_wasm(), Layout::OciImage)
@@ -107,15 +160,7 @@ impl Stack {
         }
         let dir = tempfile::tempdir().unwrap();
         let yaml = dir.path().join("wasmplugin.yaml");
-        std::fs::write(
-            &yaml,
-            wasmplugin_yaml(
-                &reg.url(url_repo),
-                fail,
-                &["ok:test", "YWRtaW4zOmFkbWluMw=="],
-            ),
-        )
-        .unwrap();
+        std::fs::write(&yaml, wasmplugin(&reg)).unwrap();
         let (cp_addr, http, page) = (
             if chained {
                 format!("unix:{}", dir.path().join("pilot-agent-XDS").display())
@@ -246,6 +291,25 @@ impl Stack {
             base64::Engine::encode(&base64::engine::general_purpose::STANDARD, user_pass)
         );
         self.until("/productpage", Some(&auth), 200, secs).await;
+    }
+
+    /// `curl` of `path` on the agent's xDS socket, in the background: whether the transfer
+    /// ended cleanly, and the body.
+    fn fetch_from_agent_bg(&self, path: &str) -> std::thread::JoinHandle<(bool, Vec<u8>)> {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "30",
+            "--unix-socket",
+        ])
+        .arg(&self.sock)
+        .arg(format!("http://ecds-agent{path}"));
+        std::thread::spawn(move || {
+            let out = cmd.output().expect("curl");
+            (out.status.success(), out.stdout)
+        })
     }
 
     async fn status(&self, path: &str, auth: Option<&str>) -> u16 {
@@ -541,5 +605,178 @@ async fn small_modules_can_be_delivered_inline() {
             .metric("ecds_agent_wasm_deliveries", "source=\"inline\"")
             .await,
         1.0
+    );
+}
+
+/// Starts Envoy through the agent with `--remote-via-cluster` and a WasmPlugin naming a 2 MiB
+/// module over HTTP (with its sha256) that a server trickles out as `body`: the agent hands the
+/// starting Envoy the `remote` source as soon as the download starts. Returns the stack, the
+/// module and its sha256, and what a `curl` of the module on the agent's socket, started while
+/// the download runs, got.
+async fn streamed_first_load(envoy: &Path, api_type: &str, body: fn(&[u8]) -> Vec<u8>) -> Streamed {
+    let wasm = padded_plugin(2 << 20);
+    let sha = support::registry::sha256_hex(&wasm);
+    let srv = ModuleServer::start().await;
+    srv.set(
+        "/big.wasm",
+        Route {
+            body: body(&wasm),
+            trickle: Duration::from_millis(40),
+            ..Default::default()
+        },
+    );
+    let url = srv.url("/big.wasm");
+    let s = Stack::start_custom(
+        envoy,
+        api_type,
+        false,
+        false,
+        &[
+            "--remote-via-cluster",
+            "xds-grpc",
+            "--remote-min-bytes",
+            "1048576",
+        ],
+        |_| {
+            wasmplugin_yaml_sha(
+                &url,
+                &sha,
+                "FAIL_CLOSE",
+                &["ok:test", "YWRtaW4zOmFkbWluMw=="],
+            )
+        },
+    )
+    .await;
+    // Delivered while the download (32 pieces, 40 ms apart) goes on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s
+        .agent
+        .metric("ecds_agent_wasm_deliveries", "source=\"remote\"")
+        .await
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "never delivered as remote");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(srv.hits("/big.wasm"), 1, "the download is under way");
+    let curl = s.fetch_from_agent_bg(&format!("/ecds-agent.modules/{sha}"));
+    let curled = tokio::task::spawn_blocking(move || curl.join().unwrap())
+        .await
+        .unwrap();
+    Streamed {
+        s,
+        wasm,
+        sha,
+        curled,
+        _srv: srv,
+    }
+}
+
+struct Streamed {
+    s: Stack,
+    wasm: Vec<u8>,
+    sha: String,
+    curled: (bool, Vec<u8>),
+    _srv: ModuleServer,
+}
+
+/// A big module's bytes reach Envoy while the agent downloads them (Envoy's fetch overlaps
+/// the agent's), and the stream ends once the agent verified the module.
+#[tokio::test]
+async fn a_big_module_is_streamed_to_envoy_while_the_agent_downloads_it() {
+    let Some(envoy) = envoy_bin() else { return };
+    let Streamed {
+        s,
+        wasm,
+        sha,
+        curled,
+        ..
+    } = streamed_first_load(&envoy, "GRPC", |w| w.to_vec()).await;
+    let (clean, body) = curled;
+    assert!(clean && body == wasm, "the streamed body is the module");
+    // Envoy runs the module.
+    s.until("/productpage", None, 401, 30).await;
+    assert_eq!(s.status("/productpage", Some(OK_TEST)).await, 200);
+    let dump = s.config_dump().await;
+    assert!(dump.contains(&format!("\"sha256\": \"{sha}\"")), "{dump}");
+    assert!(
+        s.agent
+            .metric("ecds_agent_wasm_module_serves", "result=\"streamed\"")
+            .await
+            >= 2.0,
+        "Envoy and curl were served while the download went on"
+    );
+    assert_eq!(
+        s.agent
+            .metric("ecds_agent_wasm_streamed_failures", "")
+            .await,
+        0.0
+    );
+
+    // An update to another module goes as a file: Envoy 1.40 fetches `remote` code only for
+    // a listener that warms, and would run no module at all after such an update.
+    let next = padded_plugin(3 << 20);
+    let next_sha = support::registry::sha256_hex(&next);
+    let srv2 = ModuleServer::start().await;
+    srv2.put("/next.wasm", next);
+    std::fs::write(
+        &s.yaml,
+        wasmplugin_yaml_sha(
+            &srv2.url("/next.wasm"),
+            &next_sha,
+            "FAIL_CLOSE",
+            &["new:pass"],
+        ),
+    )
+    .unwrap();
+    s.until("/productpage", Some("Basic bmV3OnBhc3M="), 200, 30)
+        .await;
+    assert_eq!(s.status("/productpage", None).await, 401);
+    assert_eq!(s.status("/productpage", Some(OK_TEST)).await, 401);
+    assert_eq!(
+        s.agent
+            .metric("ecds_agent_wasm_deliveries", "source=\"file\"")
+            .await,
+        1.0
+    );
+}
+
+/// A streamed module whose bytes turn out wrong: the stream is reset instead of ended, so
+/// neither Envoy nor anyone else holds it as complete; Envoy gets the stand-in and the
+/// control plane the NACK.
+#[tokio::test]
+async fn a_streamed_module_that_fails_verification_is_never_complete() {
+    let Some(envoy) = envoy_bin() else { return };
+    let Streamed {
+        s, wasm, curled, ..
+    } = streamed_first_load(&envoy, "DELTA_GRPC", |w| {
+        let mut bad = w.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        bad
+    })
+    .await;
+    let (clean, body) = curled;
+    assert!(!clean, "the transfer was reset, not ended");
+    assert!(body.len() < wasm.len() + 1);
+    // FAIL_CLOSE: the deny-all stand-in.
+    s.until("/productpage", Some(ADMIN3), 403, 30).await;
+    assert_eq!(
+        s.agent
+            .metric("ecds_agent_wasm_streamed_failures", "")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        s.agent
+            .metric("ecds_agent_nacks_sent", "reason=\"fetch_failure\"")
+            .await,
+        1.0,
+        "the control plane was told"
+    );
+    let cp = std::fs::read_to_string(&s.cp_log).unwrap_or_default();
+    assert!(
+        cp.contains("NACK") && cp.contains("does not match sha256"),
+        "the NACK names the mismatch:\n{cp}"
     );
 }

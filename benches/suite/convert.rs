@@ -104,7 +104,7 @@ pub async fn run(mode: Mode) -> Vec<Sample> {
     // The first conversion of each resource also records its pin and URL in the index.
     let t = Instant::now();
     for r in &resources {
-        match conv.convert(r).await {
+        match conv.convert(r, ecds_agent::ecds::Load::Update).await {
             Outcome::Converted { .. } => {}
             _ => panic!("conversion failed"),
         }
@@ -120,7 +120,7 @@ pub async fn run(mode: Mode) -> Vec<Sample> {
         let mut n = 0usize;
         while n < iters {
             for r in resources.iter().take(per_response) {
-                match conv.convert(r).await {
+                match conv.convert(r, ecds_agent::ecds::Load::Update).await {
                     Outcome::Converted { .. } => n += 1,
                     _ => panic!("conversion failed"),
                 }

@@ -14,14 +14,14 @@ use envoy_types::pb::google::protobuf::Any;
 use metrics::counter;
 use prost::Message;
 
-use super::delivery::{code_source, Delivery};
+use super::delivery::{code_source, Delivery, Source};
 use super::env::take_hints;
 use super::standin;
 use super::wasm_filter::{classify, WasmFilter};
 use crate::backoff::Backoff;
 use crate::metrics as m;
 use crate::proto::type_url;
-use crate::wasm::{Cache, GetOptions, Module};
+use crate::wasm::{Cache, FetchError, GetOptions, Got, Module, Pending};
 
 /// Istio's default when `http_uri.timeout` is absent.
 const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,6 +64,20 @@ pub struct HealJob {
     permanent: bool,
 }
 
+impl HealJob {
+    /// What a fetch failure of this job means: the error, the NACK reason, and the retry
+    /// (transient failures only).
+    fn failed(&self, e: &FetchError) -> (String, &'static str, Option<Box<HealJob>>) {
+        let heal = e.is_transient().then(|| {
+            Box::new(HealJob {
+                permanent: e.is_permanent(),
+                ..self.clone()
+            })
+        });
+        (e.to_string(), e.nack_reason(), heal)
+    }
+}
+
 /// How failed modules are retried in the background.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -99,11 +113,15 @@ pub enum Outcome {
     /// filter carrying the `ISTIO_META_WASM_*` hints (istiod sends them for `file://` plugins
     /// too) is delivered as `stripped`, so a pull secret never reaches Envoy.
     Unchanged { name: String, stripped: Option<Any> },
-    /// Remote code replaced by a local file.
+    /// Remote code replaced by the verified module (see [`super::delivery`]).
     Converted {
         name: String,
         any: Any,
         module: Module,
+        /// Set when `any` names a module still being downloaded, served to Envoy as it
+        /// arrives and completed only once verified: the session learns how it ended from
+        /// [`Converter::settle`].
+        provisional: Option<Box<Provisional>>,
     },
     /// The module could not be had. `standin` (absent in nack-only mode) goes to Envoy;
     /// `heal`, when present, can fetch it later.
@@ -118,6 +136,31 @@ pub enum Outcome {
     },
     /// Malformed: nothing is delivered for it and the control plane is told.
     Rejected { name: Option<String>, error: String },
+}
+
+/// A resource delivered while its module downloads: what settling it needs.
+pub struct Provisional {
+    sha256: String,
+    done: Pending,
+    job: HealJob,
+    standin: Option<Any>,
+}
+
+/// How a provisional delivery ended.
+pub enum Settled {
+    /// The module arrived verified: Envoy's fetch completes.
+    Verified,
+    /// The download gave a verified module, but not the one announced (a boxed body): this
+    /// resource is to be delivered again, naming it.
+    Replaced { any: Any, module: Module },
+    /// No module: Envoy's fetch was reset; the stand-in (if any) goes to Envoy, the control
+    /// plane gets the NACK, `heal` (if any) retries.
+    Failed {
+        standin: Option<Any>,
+        error: String,
+        reason: &'static str,
+        heal: Option<Box<HealJob>>,
+    },
 }
 
 /// What Envoy gets for one resource.
@@ -230,7 +273,23 @@ pub struct Converter {
     cache: Arc<Cache>,
     mode: FailureMode,
     retry: RetryPolicy,
+    /// How a resource's first load goes to an Envoy that is starting.
     delivery: Delivery,
+    /// How every other delivery goes: never `remote` (see [`Load`]).
+    update: Delivery,
+}
+
+/// Whether Envoy is waiting for this resource to start (its listener warming) or takes it as
+/// an update. Envoy 1.40 fetches `remote` code only while the listener that needs it warms:
+/// an ECDS update to a module not in its code cache is accepted and then runs *no* module
+/// (measured: the old VM is destroyed, no fetch starts; fail-closed filters let everything
+/// through). So `remote` is only ever chosen for a first load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    /// The first ECDS response on a stream from an Envoy that held no ECDS resource.
+    First,
+    /// Anything else.
+    Update,
 }
 
 fn wrap(name: &str, typed_config: Any) -> Any {
@@ -281,10 +340,15 @@ impl Converter {
         retry: RetryPolicy,
         delivery: Delivery,
     ) -> Self {
+        let update = Delivery {
+            remote: None,
+            ..delivery.clone()
+        };
         Self {
             cache,
             mode,
             delivery,
+            update,
             retry: RetryPolicy {
                 max_backoff: retry.max_backoff.max(HEAL_INITIAL),
                 permanent_recheck: retry.permanent_recheck,
@@ -292,9 +356,16 @@ impl Converter {
         }
     }
 
+    fn delivery(&self, load: Load) -> &Delivery {
+        match load {
+            Load::First => &self.delivery,
+            Load::Update => &self.update,
+        }
+    }
+
     /// The code source `module` is delivered with (see [`super::delivery::choose`]).
-    pub fn source_for(&self, module: &Module) -> super::delivery::Source {
-        super::delivery::choose(&self.delivery, module.size)
+    pub fn source_for(&self, module: &Module, load: Load) -> super::delivery::Source {
+        super::delivery::choose(self.delivery(load), module.size)
     }
 
     pub fn cache(&self) -> &Arc<Cache> {
@@ -302,13 +373,13 @@ impl Converter {
     }
 
     /// Converts one resource (an `Any` from an ECDS response) and counts the result.
-    pub async fn convert(&self, resource: &Any) -> Outcome {
-        let outcome = self.convert_inner(resource).await;
+    pub async fn convert(&self, resource: &Any, load: Load) -> Outcome {
+        let outcome = self.convert_inner(resource, load).await;
         counter!(m::CONVERSION_COUNT, "result" => outcome.result().label()).increment(1);
         outcome
     }
 
-    async fn convert_inner(&self, resource: &Any) -> Outcome {
+    async fn convert_inner(&self, resource: &Any, load: Load) -> Outcome {
         let reject = |name: Option<String>, error: String| Outcome::Rejected { name, error };
         if resource.type_url != type_url::ECDS {
             return reject(
@@ -394,28 +465,71 @@ impl Converter {
             pull_secret: hints.pull_secret.map(String::into_bytes),
             timeout,
         };
-        match self.cache.get(&url, opts.clone()).await {
-            Ok(module) => Outcome::Converted {
-                any: rewrite(&filter, &name, &module, &self.delivery),
-                name,
+        let job = HealJob {
+            name: name.clone(),
+            url: url.clone(),
+            filter: filter.clone(),
+            opts: opts.clone(),
+            permanent: false,
+        };
+        let failed = |e: FetchError| {
+            let (error, reason, heal) = job.failed(&e);
+            fail(error, ConversionResult::FetchFailure, reason, heal)
+        };
+        // Where Envoy would fetch the module from the agent anyway, it may start before the
+        // agent's own download ends.
+        let delivery = self.delivery(load);
+        let got = if delivery.remote.is_some() {
+            self.cache.get_streaming(&url, opts.clone()).await
+        } else {
+            self.cache.get(&url, opts.clone()).await.map(Got::Ready)
+        };
+        let (module, provisional) = match got {
+            Ok(Got::Ready(module)) => (module, None),
+            Ok(Got::Growing { module, done })
+                if self.source_for(&module, load) == Source::Remote =>
+            {
+                let provisional = Provisional {
+                    sha256: module.sha256.clone(),
+                    done,
+                    job: job.clone(),
+                    standin: (self.mode == FailureMode::StandIn)
+                        .then(|| standin::resource(&name, kind, fail_open)),
+                };
+                (module, Some(Box::new(provisional)))
+            }
+            Ok(Got::Growing { done, .. }) => match done.await {
+                Ok(module) => (module, None),
+                Err(e) => return failed(e),
+            },
+            Err(e) => return failed(e),
+        };
+        Outcome::Converted {
+            any: rewrite(&filter, &name, &module, delivery),
+            name,
+            module,
+            provisional,
+        }
+    }
+
+    /// Waits for the download behind a provisional delivery and says how it ended.
+    pub async fn settle(&self, p: Provisional) -> Settled {
+        match p.done.await {
+            Ok(module) if module.sha256 == p.sha256 => Settled::Verified,
+            Ok(module) => Settled::Replaced {
+                any: rewrite(&p.job.filter, &p.job.name, &module, &self.update),
                 module,
             },
             Err(e) => {
-                let heal = e.is_transient().then(|| {
-                    Box::new(HealJob {
-                        name: name.clone(),
-                        url: url.clone(),
-                        filter: filter.clone(),
-                        opts,
-                        permanent: e.is_permanent(),
-                    })
-                });
-                fail(
-                    e.to_string(),
-                    ConversionResult::FetchFailure,
-                    e.nack_reason(),
+                counter!(m::CONVERSION_COUNT, "result" => ConversionResult::FetchFailure.label())
+                    .increment(1);
+                let (error, reason, heal) = p.job.failed(&e);
+                Settled::Failed {
+                    standin: p.standin,
+                    error,
+                    reason,
                     heal,
-                )
+                }
             }
         }
     }
@@ -440,7 +554,7 @@ impl Converter {
                     counter!(m::CONVERSION_COUNT, "result" => ConversionResult::Success.label())
                         .increment(1);
                     return (
-                        rewrite(&job.filter, &job.name, &module, &self.delivery),
+                        rewrite(&job.filter, &job.name, &module, &self.update),
                         module,
                     );
                 }
@@ -524,6 +638,7 @@ mod tests {
                     name: "n".into(),
                     any: any(),
                     module: module(),
+                    provisional: None,
                 },
                 Rewritten,
                 false,

@@ -22,7 +22,10 @@ pub mod standin;
 pub mod typed_struct;
 pub mod wasm_filter;
 
-pub use convert::{ConversionResult, Converter, FailureMode, HealJob, Outcome, RetryPolicy};
+pub use convert::{
+    ConversionResult, Converter, FailureMode, HealJob, Load, Outcome, Provisional, RetryPolicy,
+    Settled,
+};
 
 /// The `xds` interception of the ECDS type URL: one [`session::EcdsSession`] per stream.
 pub struct EcdsInterceptor(pub std::sync::Arc<Converter>);

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
 use super::convert::Pin;
-use super::{ConversionResult, Converter, HealJob, Outcome};
+use super::{ConversionResult, Converter, HealJob, Load, Outcome, Provisional, Settled};
 use crate::metrics as m;
 use crate::proto::type_url;
 use crate::wasm::Module;
@@ -58,6 +58,19 @@ struct Healed {
     module: Module,
 }
 
+/// What a background task of the session reports.
+enum Background {
+    /// A retry got the module.
+    Healed(Healed),
+    /// The download behind a provisional delivery (under the upstream `nonce`) ended.
+    Settled {
+        name: String,
+        generation: u64,
+        nonce: String,
+        settled: Settled,
+    },
+}
+
 struct Failure {
     name: String,
     error: String,
@@ -72,11 +85,13 @@ pub(crate) struct EcdsSession<F: Flavor> {
     down_tx: DownTx<F>,
     up_tx: mpsc::UnboundedSender<F::Req>,
     heals: HashMap<String, Heal>,
-    healed_tx: mpsc::UnboundedSender<Healed>,
+    healed_tx: mpsc::UnboundedSender<Background>,
     generation: u64,
     /// Version of the last ECDS response from upstream (used on agent deliveries).
     version: String,
     seq: u64,
+    /// Envoy got an ECDS response on this stream: what follows is an update ([`Load`]).
+    delivered: bool,
 }
 
 impl<F: Flavor> Drop for EcdsSession<F> {
@@ -112,6 +127,7 @@ impl<F: Flavor> EcdsSession<F> {
             generation: 0,
             version: String::new(),
             seq: 0,
+            delivered: false,
         };
         let task: JoinHandle<()> =
             tokio::spawn(session.run(rx, healed_rx, unsub_rx).in_current_span());
@@ -125,7 +141,7 @@ impl<F: Flavor> EcdsSession<F> {
     async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<F::Resp>,
-        mut healed: mpsc::UnboundedReceiver<Healed>,
+        mut healed: mpsc::UnboundedReceiver<Background>,
         mut unsubscribed: mpsc::UnboundedReceiver<Vec<String>>,
     ) {
         let mut queue: VecDeque<F::Resp> = VecDeque::new();
@@ -140,7 +156,12 @@ impl<F: Flavor> EcdsSession<F> {
                         }
                         None => return,
                     },
-                    Some(h) = healed.recv() => self.on_healed(h).await,
+                    Some(b) = healed.recv() => match b {
+                        Background::Healed(h) => self.on_healed(h).await,
+                        Background::Settled { name, generation, nonce, settled } => {
+                            self.on_settled(name, generation, nonce, settled).await
+                        }
+                    },
                     Some(names) = unsubscribed.recv() => {
                         self.on_unsubscribed(&names);
                         Ok(())
@@ -205,12 +226,17 @@ impl<F: Flavor> EcdsSession<F> {
         let total = items.len();
         let bodies: Vec<Option<Any>> = items.iter_mut().map(|c| c.any.take()).collect();
         let conv = self.conv.clone();
+        let load = if !self.delivered && self.book().envoy_fresh() {
+            Load::First
+        } else {
+            Load::Update
+        };
         let outcomes = {
             let conversion = futures::stream::iter(bodies.into_iter().map(move |body| {
                 let conv = conv.clone();
                 async move {
                     let outcome = match &body {
-                        Some(any) => Some(conv.convert(any).await),
+                        Some(any) => Some(conv.convert(any, load).await),
                         None => None, // a TTL heartbeat
                     };
                     (body, outcome)
@@ -282,11 +308,19 @@ impl<F: Flavor> EcdsSession<F> {
                     }),
                     None => deliver.push(item),
                 },
-                Outcome::Converted { any, module, .. } => {
+                Outcome::Converted {
+                    any,
+                    module,
+                    provisional,
+                    ..
+                } => {
                     info!(resource = %name, path = %module.path.display(), sha256 = %module.sha256,
-                          fetched = module.fetched, source = self.conv.source_for(&module).label(),
-                          "Wasm module delivered");
+                          fetched = module.fetched, source = self.conv.source_for(&module, load).label(),
+                          streamed = provisional.is_some(), "Wasm module delivered");
                     delivered.converted = true;
+                    if let Some(p) = provisional {
+                        self.start_settle(&name, *p, &nonce, item.envelope.clone());
+                    }
                     deliver.push(Carried {
                         any: Some(any),
                         envelope: item.envelope,
@@ -347,6 +381,7 @@ impl<F: Flavor> EcdsSession<F> {
             }
         }
         if delivering {
+            self.delivered = true;
             self.book().agent_delivered(&nonce, delivered);
             F::set_resources(&mut resp, deliver);
             self.down_tx
@@ -366,12 +401,12 @@ impl<F: Flavor> EcdsSession<F> {
         let task = tokio::spawn(
             async move {
                 let (any, module) = conv.heal(&job).await;
-                let _ = tx.send(Healed {
+                let _ = tx.send(Background::Healed(Healed {
                     name: job.name.clone(),
                     generation,
                     any,
                     module,
-                });
+                }));
             }
             .in_current_span(),
         );
@@ -383,6 +418,133 @@ impl<F: Flavor> EcdsSession<F> {
                 envelope,
             },
         );
+    }
+
+    /// Watches the download behind a provisional delivery of `name` (made under the upstream
+    /// `nonce`); a newer outcome for the resource cancels it, as it does a retry.
+    fn start_settle(
+        &mut self,
+        name: &str,
+        p: Provisional,
+        nonce: &str,
+        envelope: Option<Resource>,
+    ) {
+        self.generation += 1;
+        let generation = self.generation;
+        let conv = self.conv.clone();
+        let tx = self.healed_tx.clone();
+        let (name_owned, nonce) = (name.to_owned(), nonce.to_owned());
+        let task = tokio::spawn(
+            async move {
+                let settled = conv.settle(p).await;
+                let _ = tx.send(Background::Settled {
+                    name: name_owned,
+                    generation,
+                    nonce,
+                    settled,
+                });
+            }
+            .in_current_span(),
+        );
+        self.heals.insert(
+            name.to_owned(),
+            Heal {
+                generation,
+                task: task.abort_handle(),
+                envelope,
+            },
+        );
+    }
+
+    /// A provisional delivery ended: verified (nothing to do), another module (delivered
+    /// again), or no module — then Envoy gets the stand-in under an agent nonce, the control
+    /// plane a NACK of the nonce it came under (if still its latest), and a retry starts, as
+    /// for a failure found before delivery.
+    async fn on_settled(
+        &mut self,
+        name: String,
+        generation: u64,
+        nonce: String,
+        settled: Settled,
+    ) -> Result<(), Gone> {
+        if self.heals.get(&name).map(|x| x.generation) != Some(generation) {
+            return Ok(()); // superseded meanwhile
+        }
+        let (standin, error, reason, heal) = match settled {
+            Settled::Verified => {
+                self.heals.remove(&name);
+                info!(resource = %name, "streamed module verified; Envoy's fetch completes");
+                return Ok(());
+            }
+            Settled::Replaced { any, module } => {
+                return self
+                    .on_healed(Healed {
+                        name,
+                        generation,
+                        any,
+                        module,
+                    })
+                    .await;
+            }
+            Settled::Failed {
+                standin,
+                error,
+                reason,
+                heal,
+            } => (standin, error, reason, heal),
+        };
+        let envelope = self.heals.remove(&name).and_then(|h| h.envelope);
+        warn!(resource = %name, %error, stand_in = standin.is_some(), retrying = heal.is_some(),
+              "streamed Wasm module failed after delivery; Envoy's fetch was reset");
+        counter!(m::LATE_FAILURES).increment(1);
+        if let Some(any) = standin {
+            self.conv.cache().pin(self.id, &name, None);
+            self.seq += 1;
+            let agent_nonce = format!("{AGENT_NONCE_PREFIX}{}/{}", self.id, self.seq);
+            let resp = F::originate(
+                type_url::ECDS,
+                &self.version,
+                agent_nonce.clone(),
+                Carried {
+                    any: Some(any),
+                    envelope: envelope.clone(),
+                },
+            );
+            self.book().agent_delivered(
+                &agent_nonce,
+                Delivered {
+                    stand_in: true,
+                    ..Default::default()
+                },
+            );
+            counter!(m::XDS_PROXY_RESPONSES).increment(1);
+            self.delivered = true;
+            self.down_tx
+                .send(Down::Message(resp))
+                .await
+                .map_err(|_| Gone)?;
+        }
+        if self.book().is_latest(&nonce) {
+            let failure = Failure {
+                name: name.clone(),
+                error,
+                reason,
+            };
+            let message = nack_message(std::slice::from_ref(&failure), 1);
+            let nack = self
+                .book()
+                .agent_nack::<F>(&nonce, message.clone(), &[name]);
+            warn!(%nonce, %reason, %message, "NACK sent to the control plane");
+            counter!(m::NACKS_SENT, "reason" => reason).increment(1);
+            counter!(m::XDS_PROXY_REQUESTS).increment(1);
+            if self.up_tx.send(nack).is_err() {
+                return Err(Gone);
+            }
+        }
+        if let Some(job) = heal {
+            self.start_heal(*job, envelope);
+        }
+        Ok(())
     }
 
     async fn on_healed(&mut self, h: Healed) -> Result<(), Gone> {
@@ -411,6 +573,7 @@ impl<F: Flavor> EcdsSession<F> {
               "module arrived after retry; delivered to Envoy without a new push");
         counter!(m::HEAL_DELIVERIES).increment(1);
         counter!(m::XDS_PROXY_RESPONSES).increment(1);
+        self.delivered = true;
         self.down_tx
             .send(Down::Message(resp))
             .await

@@ -49,11 +49,12 @@ use futures::future::{BoxFuture, FutureExt};
 use super::admission::{self, Admission, Authorization};
 use super::error::{io_err, redact, FetchError};
 use super::fetch::{manifest_match, Fetched, Fetcher, NewModule, Provenance};
-use super::flight::{deadline_after, lock_download, Flight, FlightKey};
+use super::flight::{deadline_after, lock_download, FlightKey, InFlight};
+use super::growing::{Announcer, Growing};
 use super::index::{effective_policy, expected_checksum, find_by_checksum, record_url, reusable};
 use super::lease::Lease;
 use super::oci::Resolved;
-use super::options::{CacheConfig, GetOptions, Matched, Module, PullPolicy};
+use super::options::{CacheConfig, GetOptions, Got, Matched, Module, PullPolicy};
 use super::pins::{PinChange, Pins};
 use super::proofs::{cred_id, Proofs};
 use super::store::{now_ms, now_secs, Durability, Index, ModuleEntry, Store};
@@ -71,7 +72,7 @@ struct State {
     pin_generation: u64,
     /// One download per (URL, expected checksum, pull-secret hash): callers with different
     /// credentials never share a download (nor its auth result).
-    flights: HashMap<FlightKey, Flight>,
+    flights: HashMap<FlightKey, InFlight>,
     /// The last failure per URL, at most [`MAX_FAILURES`] (the oldest goes first).
     failures: HashMap<String, FailureInfo>,
     /// Modules handed out by `get` and not pinned yet, until when: published with the pins, so
@@ -135,6 +136,14 @@ pub const MAX_FAILURES: usize = 256;
 /// caller has not pinned it (at most this process's own expiry: a caller that never pins, such
 /// as `ecds-agent fetch`, does not keep a module past the expiry it asked for).
 const HOLD: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// What [`Cache::served`] found.
+pub enum Served {
+    /// The module's file, complete and verified.
+    File(std::path::PathBuf),
+    /// The download growing it.
+    Growing(Arc<Growing>),
+}
 
 pub struct Cache {
     cfg: CacheConfig,
@@ -339,17 +348,61 @@ impl Cache {
     /// goes through the same gate: the signature policy in force ([`admission::admit`]) and
     /// the requester's right to pull a private module ([`admission::authorize`]).
     pub async fn get(self: &Arc<Self>, url: &str, opts: GetOptions) -> Result<Module, FetchError> {
+        match self.get_with(url, opts, false).await? {
+            Got::Ready(module) => Ok(module),
+            Got::Growing { done, .. } => done.await,
+        }
+    }
+
+    /// [`Cache::get`] that answers as soon as a download it has to make knows the sha256 and
+    /// size of the module it is growing ([`Got::Growing`]): the same gate has been passed
+    /// (the policy refuses nothing up front, the manifest's signatures and the credentials
+    /// were checked before a layer is pulled); what is left — the bytes' hash, their
+    /// validation, any check of the body — ends `done`, and the growing bytes are served
+    /// complete only if it ends with that very module.
+    pub async fn get_streaming(
+        self: &Arc<Self>,
+        url: &str,
+        opts: GetOptions,
+    ) -> Result<Got, FetchError> {
+        self.get_with(url, opts, true).await
+    }
+
+    async fn get_with(
+        self: &Arc<Self>,
+        url: &str,
+        opts: GetOptions,
+        stream: bool,
+    ) -> Result<Got, FetchError> {
         let key = failure_key(url, opts.sha256.as_deref());
-        let result = match ModuleUrl::parse(url) {
+        let got = match ModuleUrl::parse(url) {
             Ok(parsed) => {
                 let canonical = parsed.canonical();
-                self.get_canonical(&canonical, parsed, &opts).await
+                self.get_canonical(&canonical, parsed, &opts, stream).await
             }
             Err(e) => Err(e),
         };
-        let result = result.map_err(FetchError::bounded);
-        self.note_outcome(key, &result, &opts);
-        result
+        match got.map_err(FetchError::bounded) {
+            Ok(Got::Growing { module, done }) => {
+                let this = self.clone();
+                let done = async move {
+                    let result = done.await.map_err(FetchError::bounded);
+                    this.note_outcome(key, result.as_ref().err(), &opts);
+                    result
+                }
+                .boxed()
+                .shared();
+                Ok(Got::Growing { module, done })
+            }
+            Ok(ready) => {
+                self.note_outcome(key, None, &opts);
+                Ok(ready)
+            }
+            Err(e) => {
+                self.note_outcome(key, Some(&e), &opts);
+                Err(e)
+            }
+        }
     }
 
     /// `get` for a URL in canonical form.
@@ -358,7 +411,8 @@ impl Cache {
         url: &str,
         parsed: ModuleUrl,
         opts: &GetOptions,
-    ) -> Result<Module, FetchError> {
+        stream: bool,
+    ) -> Result<Got, FetchError> {
         let shown = redact(url);
         let expected = expected_checksum(&parsed, opts.sha256.as_deref(), &shown)?;
         if let Some(reason) = admission::refused_upfront(self.cfg.verify.as_deref(), &parsed) {
@@ -386,7 +440,7 @@ impl Cache {
                         // resource); that is written in the background so a conversion never
                         // waits for an fsync.
                         self.save_soon();
-                        return Ok(module);
+                        return Ok(Got::Ready(module));
                     }
                 }
                 Ok(None) => {}
@@ -398,34 +452,68 @@ impl Cache {
             }
         }
 
-        let flight = self.flight(url, parsed, expected, opts);
-        let result = match tokio::time::timeout(opts.timeout, flight).await {
-            Ok(r) => r,
-            Err(_) => Err(FetchError::Timeout {
-                url: shown.clone(),
-                timeout: opts.timeout,
-                stage: "waiting for the download",
-            }),
+        let InFlight {
+            done: flight,
+            mut announced,
+        } = self.flight(url, parsed, expected, opts);
+        let this = self.clone();
+        let (url, opts) = (url.to_owned(), opts.clone());
+        let finish = async move {
+            let result = match tokio::time::timeout(opts.timeout, flight).await {
+                Ok(r) => r,
+                Err(_) => Err(FetchError::Timeout {
+                    url: shown.clone(),
+                    timeout: opts.timeout,
+                    stage: "waiting for the download",
+                }),
+            };
+            if let Ok(module) = &result {
+                this.hold(module).await;
+                this.record(&mut this.lock(), &url, module, Some(&opts));
+            }
+            // The download itself saved the module before it returned; what is left (this
+            // URL's use by this resource) is written in the background, as on a hit, so that
+            // a hundred streams waiting for one download do not each wait for a write.
+            this.save_soon();
+            result
         };
-        if let Ok(module) = &result {
-            self.hold(module).await;
-            self.record(&mut self.lock(), url, module, Some(opts));
+        if !stream {
+            return finish.await.map(Got::Ready);
         }
-        // The download itself saved the module before it returned; what is left (this URL's
-        // use by this resource) is written in the background, as on a hit, so that a
-        // hundred streams waiting for one download do not each wait for a write.
-        self.save_soon();
-        result
+        let finish = finish.boxed().shared();
+        let growing = tokio::select! {
+            biased;
+            r = finish.clone() => return r.map(Got::Ready),
+            a = announced.wait_for(|g| g.as_ref().is_some_and(|g| g.is_live())) => {
+                a.ok().and_then(|g| g.clone())
+            }
+        };
+        match growing {
+            Some(g) => Ok(Got::Growing {
+                module: self.growing_module(&g),
+                done: finish,
+            }),
+            // The flight ended without a live announcement.
+            None => finish.await.map(Got::Ready),
+        }
+    }
+
+    /// What a growing module will be once in place.
+    fn growing_module(&self, g: &Growing) -> Module {
+        Module {
+            path: self.store.module_path(&g.sha256),
+            sha256: g.sha256.clone(),
+            oci_digest: None,
+            size: g.size,
+            matched: None,
+            fetched: true,
+            served_by: None,
+        }
     }
 
     /// The admin pages' record of how the last `get` of `key` ended (bounded in count). A
     /// resource's failure is forgotten when it gets a module, or fails on something else.
-    fn note_outcome(
-        &self,
-        key: FailureKey,
-        result: &Result<Module, FetchError>,
-        opts: &GetOptions,
-    ) {
+    fn note_outcome(&self, key: FailureKey, failed: Option<&FetchError>, opts: &GetOptions) {
         let mut st = self.lock();
         let name = opts.resource_name.as_str();
         if !name.is_empty() {
@@ -440,12 +528,9 @@ impl Cache {
                 forget_in(&mut st.failures, &k, name);
             }
         }
-        let e = match result {
-            Ok(_) => {
-                st.failures.remove(&key.id());
-                return;
-            }
-            Err(e) => e,
+        let Some(e) = failed else {
+            st.failures.remove(&key.id());
+            return;
         };
         let id = key.id();
         if !st.failures.contains_key(&id) && st.failures.len() >= MAX_FAILURES {
@@ -739,7 +824,7 @@ impl Cache {
         parsed: ModuleUrl,
         expected: Option<String>,
         opts: &GetOptions,
-    ) -> Flight {
+    ) -> InFlight {
         let secret_id = opts.pull_secret.as_deref().map(verify::sha256_hex);
         let key = (url.to_owned(), expected.clone(), secret_id);
         let mut st = self.lock();
@@ -757,6 +842,7 @@ impl Cache {
             _ => 0,
         };
         let key2 = key.clone();
+        let (announcer, announced) = Announcer::new();
         let task = tokio::spawn(async move {
             let started = Instant::now();
             let result = this
@@ -767,9 +853,12 @@ impl Cache {
                     &opts_owned,
                     deadline,
                     since_ms,
+                    &announcer,
                 )
                 .await
                 .map_err(FetchError::bounded);
+            // Whoever streams the growing module gets its end only if this is that module.
+            announcer.finish(result.as_ref().ok().map(|m| (m.sha256.as_str(), m.size)));
             this.lock().flights.remove(&key2);
             record_fetch(&url_owned, &result, started);
             result
@@ -780,12 +869,16 @@ impl Cache {
                 .unwrap_or_else(|e| Err(io_err(&shown, format!("fetch task failed: {e}"))))
         }
         .boxed();
-        let shared = fut.shared();
-        st.flights.insert(key, shared.clone());
-        shared
+        let flight = InFlight {
+            done: fut.shared(),
+            announced,
+        };
+        st.flights.insert(key, flight.clone());
+        flight
     }
 
     /// Fetches, verifies and stores one module.
+    #[allow(clippy::too_many_arguments)]
     async fn fill(
         self: &Arc<Self>,
         url: &str,
@@ -794,6 +887,7 @@ impl Cache {
         opts: &GetOptions,
         deadline: Instant,
         since_ms: u64,
+        announcer: &Announcer,
     ) -> Result<Module, FetchError> {
         let shown = redact(url);
         let secret = opts.pull_secret.clone();
@@ -819,7 +913,14 @@ impl Cache {
             ModuleUrl::Http(u) => {
                 let (f, signed) = self
                     .fetcher
-                    .fetch_http(u, &shown, expected, deadline, &parsed.policy_name())
+                    .fetch_http(
+                        u,
+                        &shown,
+                        expected,
+                        deadline,
+                        &parsed.policy_name(),
+                        announcer,
+                    )
                     .await?;
                 (f, signed.map(Provenance::signed_only))
             }
@@ -829,7 +930,15 @@ impl Cache {
                 };
                 let pulled = self
                     .fetcher
-                    .fetch_oci(r, &shown, expected, secret.as_deref(), deadline, &known)
+                    .fetch_oci(
+                        r,
+                        &shown,
+                        expected,
+                        secret.as_deref(),
+                        deadline,
+                        &known,
+                        announcer,
+                    )
                     .await;
                 if let Err(FetchError::Checksum {
                     got,
@@ -1162,11 +1271,25 @@ impl Cache {
         })
     }
 
-    /// The file of module `sha` if this process has it in use (pinned by a live resource, or
-    /// handed out moments ago): what [`super::serve`] may hand to Envoy's own fetch.
-    pub fn served_file(&self, sha: &str) -> Option<std::path::PathBuf> {
+    /// Module `sha` if this process has it in use (pinned by a live resource, or handed out
+    /// moments ago): its file, or the download growing it ([`Cache::get_streaming`]). What
+    /// [`super::serve`] may hand to Envoy's own fetch.
+    pub fn served(&self, sha: &str) -> Option<Served> {
         let st = self.lock();
-        (st.in_use(sha) && st.index.modules.contains_key(sha)).then(|| self.store.module_path(sha))
+        if !st.in_use(sha) {
+            return None;
+        }
+        if st.index.modules.contains_key(sha) {
+            return Some(Served::File(self.store.module_path(sha)));
+        }
+        st.flights.values().find_map(|f| {
+            f.announced
+                .borrow()
+                .as_ref()
+                .filter(|g| g.sha256 == sha && g.is_live())
+                .cloned()
+                .map(Served::Growing)
+        })
     }
 
     /// Records that `owner`'s resource `name` uses module `sha` (`None`: uses none).

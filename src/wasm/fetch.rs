@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::admission::Access;
 use super::credhelper::CredHelpers;
 use super::error::{io_err, FetchError};
+use super::growing::Announcer;
 use super::http::HttpFetcher;
 use super::index::digest_match;
 use super::mirrors::Source;
@@ -109,13 +110,20 @@ impl Fetcher {
         expected: Option<&str>,
         deadline: Instant,
         policy_name: &str,
+        announcer: &Announcer,
     ) -> Result<(Fetched, Option<(String, String)>), FetchError> {
         // The signature policy was applied before the lookup (`admission::refused_upfront`):
         // an HTTP(S) module gets here only where its rule allows unsigned modules or names
         // keyless identities, whose bundle is checked below.
         let max = self.cfg.max_module_bytes;
         let raw = self.temp(shown, "download").await?;
-        let (raw_sha, _) = self.http.fetch(u, deadline, &raw.file).await?;
+        // With the expected sha256 known, the body is announced as that module while it
+        // arrives (if it is boxed, or another module, the flight's end fails the stream).
+        let announcer = announcer.expecting(expected);
+        let (raw_sha, _) = self
+            .http
+            .fetch(u, deadline, &raw.file, &raw.path, &announcer)
+            .await?;
         let store = self.store.clone();
         let (file, sha) = tokio::task::spawn_blocking(move || {
             let module = unbox::unbox(&store, raw, Boxing::Detect, max)?;
@@ -187,7 +195,13 @@ impl Fetcher {
         bundle_url.set_query(None);
         let tmp = self.temp(shown, "bundle").await?;
         self.http
-            .fetch(&bundle_url, deadline, &tmp.file)
+            .fetch(
+                &bundle_url,
+                deadline,
+                &tmp.file,
+                &tmp.path,
+                &Announcer::default(),
+            )
             .await
             .map_err(|e| {
                 fail(format!(
@@ -268,6 +282,7 @@ impl Fetcher {
 
     /// Pulls `r` from the first source that serves it: its mirrors in order, then the origin
     /// (see `mirrors`). A failing mirror falls back to the next source.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn fetch_oci(
         &self,
         r: &OciRef,
@@ -276,6 +291,7 @@ impl Fetcher {
         secret: Option<&[u8]>,
         deadline: Instant,
         known: Known<'_>,
+        announcer: &Announcer,
     ) -> Result<(Fetched, Provenance), FetchError> {
         let sources = self.cfg.registries.sources(r);
         let mut pinned = r.digest.clone();
@@ -305,7 +321,7 @@ impl Fetcher {
                 at.reference.tag = None;
             }
             match self
-                .fetch_oci_from(r, &at, shown, expected, secret, deadline, known)
+                .fetch_oci_from(r, &at, shown, expected, secret, deadline, known, announcer)
                 .await
             {
                 Err(e) if !last => {
@@ -332,6 +348,7 @@ impl Fetcher {
         secret: Option<&[u8]>,
         deadline: Instant,
         known: Known<'_>,
+        announcer: &Announcer,
     ) -> Result<(Fetched, Provenance), FetchError> {
         let total = deadline.saturating_duration_since(Instant::now());
         let timeout = |stage| FetchError::Timeout {
@@ -374,10 +391,12 @@ impl Fetcher {
             counter!(m::CACHE_LOOKUP_COUNT, "hit" => "true").increment(1);
             return Ok((Fetched::Cached(module), provenance));
         }
-        let file =
-            tokio::time::timeout_at(deadline, self.oci.download(shown, &resolved, &self.store))
-                .await
-                .map_err(|_| timeout("pulling the layer"))??;
+        let file = tokio::time::timeout_at(
+            deadline,
+            self.oci.download(shown, &resolved, &self.store, announcer),
+        )
+        .await
+        .map_err(|_| timeout("pulling the layer"))??;
         let (file, sha) = tokio::task::spawn_blocking(move || {
             sha256_file(&file.path).map(|(sha, _)| (file, sha))
         })

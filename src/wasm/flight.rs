@@ -21,6 +21,13 @@ use super::options::Module;
 use super::store::Store;
 
 pub(super) type Flight = Shared<BoxFuture<'static, Result<Module, FetchError>>>;
+
+/// A download under way: its end, and the module it announced it is growing, if any.
+#[derive(Clone)]
+pub(super) struct InFlight {
+    pub done: Flight,
+    pub announced: super::growing::Announced,
+}
 pub(super) type FlightKey = (String, Option<String>, Option<String>);
 
 /// `now + d`, saturating far in the future instead of overflowing the clock.

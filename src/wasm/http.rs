@@ -13,6 +13,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::error::{redact, FetchError};
+use super::growing::{Announcer, Signalling};
 use super::guard::{self, Blocklist, GuardedResolver, MAX_REDIRECTS};
 use super::tls::FetchTls;
 use crate::errors::describe_reqwest;
@@ -89,6 +90,8 @@ impl HttpFetcher {
         url: &reqwest::Url,
         deadline: Instant,
         sink: &std::fs::File,
+        sink_path: &std::path::Path,
+        announcer: &Announcer,
     ) -> Result<(String, u64), FetchError> {
         let shown_io = redact(url.as_str());
         let io = |e: std::io::Error| FetchError::Io {
@@ -110,18 +113,29 @@ impl HttpFetcher {
             let mut f = tokio::fs::File::from_std(sink.try_clone().map_err(io)?);
             f.set_len(0).await.map_err(io)?;
             f.rewind().await.map_err(io)?;
-            let mut file = tokio::io::BufWriter::with_capacity(1 << 20, f);
+            let mut file = tokio::io::BufWriter::with_capacity(
+                1 << 20,
+                Signalling {
+                    inner: f,
+                    announcer: announcer.clone(),
+                },
+            );
             let outcome = self
                 .attempt(
                     url,
                     &shown,
                     remaining.min(self.opts.request_timeout),
                     &mut file,
+                    |size| announcer.announce_expected(size, sink_path),
                 )
                 .await;
             // A failed attempt's buffered bytes are dropped unwritten; one already on its way
             // to the disk is waited for, so it cannot land after the next truncation.
             let _ = file.get_mut().flush().await;
+            if outcome.is_err() {
+                // What was streamed of this attempt will not be the module.
+                announcer.withdraw();
+            }
             match outcome {
                 Ok(body) => return Ok(body),
                 Err(Attempt::Fatal(e)) => return Err(e),
@@ -164,7 +178,8 @@ impl HttpFetcher {
         url: &reqwest::Url,
         shown: &str,
         timeout: Duration,
-        file: &mut tokio::io::BufWriter<tokio::fs::File>,
+        file: &mut tokio::io::BufWriter<Signalling<tokio::fs::File>>,
+        announce: impl FnOnce(u64),
     ) -> Result<(String, u64), Attempt> {
         let refused = |last: String| {
             Attempt::Fatal(FetchError::Download {
@@ -228,6 +243,9 @@ impl HttpFetcher {
                 reason: format!("cannot write the download: {}", crate::errors::io_text(&e)),
             })
         };
+        if let Some(size) = resp.content_length().filter(|l| *l > 0) {
+            announce(size);
+        }
         let mut hash = Sha256::new();
         let mut len: u64 = 0;
         let progress = crate::progress::start(shown, resp.content_length());

@@ -1,7 +1,8 @@
 //! Wasm modules: fetchers (HTTP(S), OCI), verification and the on-disk cache.
 //!
 //! Independent of xDS: this module knows URLs, checksums, pull policies and files, and nothing
-//! about Envoy or ECDS. The single entry point is [`Cache::get`].
+//! about Envoy or ECDS. The single entry point is [`Cache::get`] (or [`Cache::get_streaming`],
+//! which may answer before the download ends).
 //!
 //! * `url`    — parsing module URLs
 //! * `http`   — HTTP(S) fetcher (retries, backoff, size cap, redirects by hand)
@@ -19,6 +20,7 @@
 //! * `cache`  — the façade: `get`, its order of work, the state and the cache's invariants
 //! * `index`  — the index and its rules as pure functions (lookup, pull policy, merge)
 //! * `flight` — one download per module, in-process and across processes
+//! * `growing` — a module being downloaded, readable as it grows (served before it ends)
 //! * `pipeline` — streaming fetch → unbox → check → validate → store
 //! * `view`   — the admin snapshot
 //! * `pins`   — which module each live ECDS resource uses, with use counts
@@ -31,6 +33,7 @@ pub mod credhelper;
 pub mod error;
 mod fetch;
 mod flight;
+pub mod growing;
 pub mod guard;
 pub mod http;
 pub mod import;
@@ -55,5 +58,5 @@ mod view;
 
 pub use cache::Cache;
 pub use error::FetchError;
-pub use options::{CacheConfig, GetOptions, Matched, Module, PullPolicy};
+pub use options::{CacheConfig, GetOptions, Got, Matched, Module, Pending, PullPolicy};
 pub use view::{CacheView, FailureInfo, ModuleView};

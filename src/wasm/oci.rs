@@ -33,6 +33,7 @@ use oci_client::{Client, Reference};
 use serde::Deserialize;
 
 use super::error::FetchError;
+use super::growing::{Announcer, Signalling};
 use super::guard::{self, Blocklist, GuardedResolver};
 use super::signature;
 use super::store::{Store, TempFile};
@@ -737,10 +738,11 @@ impl OciFetcher {
         shown: &str,
         r: &Resolved,
         store: &Store,
+        announcer: &Announcer,
     ) -> Result<TempFile, FetchError> {
         let mut tried = Vec::new();
         for layer in &r.layers {
-            match self.download_layer(shown, r, layer, store).await {
+            match self.download_layer(shown, r, layer, store, announcer).await {
                 Ok(module) => return Ok(module),
                 // An image layer without the module: the next one back (the image rule).
                 Err(FetchError::Layout { reason, .. }) if r.extract == Extract::Image => {
@@ -766,6 +768,7 @@ impl OciFetcher {
         r: &Resolved,
         layer_desc: &OciDescriptor,
         store: &Store,
+        announcer: &Announcer,
     ) -> Result<TempFile, FetchError> {
         let io = |e: String| FetchError::Io {
             url: shown.to_owned(),
@@ -776,15 +779,26 @@ impl OciFetcher {
             .file
             .try_clone()
             .map_err(|e| io(format!("cannot write the layer: {e}")))?;
+        // A module layer's digest is the module's sha256 (unless it turns out boxed, which
+        // the flight's end catches): its bytes can be served as they arrive.
+        let size = u64::try_from(layer_desc.size).ok().filter(|s| *s > 0);
+        if let (Extract::Module, Some(size), Some(sha)) =
+            (r.extract, size, layer_desc.digest.strip_prefix("sha256:"))
+        {
+            announcer.announce(sha, size, &layer.path);
+        }
         let mut sink = CappedSink {
-            file: tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file)),
+            file: tokio::io::BufWriter::with_capacity(
+                1 << 20,
+                Signalling {
+                    inner: tokio::fs::File::from_std(file),
+                    announcer: announcer.clone(),
+                },
+            ),
             written: 0,
             limit: self.max_bytes,
             overflowed: false,
-            progress: crate::progress::start(
-                shown,
-                u64::try_from(layer_desc.size).ok().filter(|s| *s > 0),
-            ),
+            progress: crate::progress::start(shown, size),
         };
         if let Err(e) = r
             .client
@@ -871,7 +885,7 @@ impl tokio::io::AsyncWrite for VecSink {
 
 /// An `AsyncWrite` into a file that fails once more than `limit` bytes arrive.
 struct CappedSink {
-    file: tokio::io::BufWriter<tokio::fs::File>,
+    file: tokio::io::BufWriter<Signalling<tokio::fs::File>>,
     written: u64,
     limit: u64,
     overflowed: bool,

@@ -87,6 +87,20 @@ pub struct Module {
     pub served_by: Option<String>,
 }
 
+/// The end of a download that is still going: the module, or why there is none.
+pub type Pending =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<Module, super::FetchError>>>;
+
+/// What `Cache::get_streaming` gives.
+pub enum Got {
+    /// The module, verified and in place.
+    Ready(Module),
+    /// A module still being downloaded whose sha256 and size are known: `module` says what
+    /// it will be (its file is not in place yet); its bytes so far can be served
+    /// (by the `serve` module), and `done` ends with the verified module or the failure.
+    Growing { module: Module, done: Pending },
+}
+
 /// Cache settings.
 #[derive(Clone)]
 pub struct CacheConfig {

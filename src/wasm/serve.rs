@@ -8,6 +8,11 @@
 //! request is one chunk) with its length; a read error ends the body early, so a client never
 //! sees a short body as complete. The client checks the sha256 (Envoy's `remote.sha256`).
 //!
+//! A module still being downloaded ([`crate::wasm::growing`]) is served as its bytes arrive,
+//! so Envoy's fetch overlaps the agent's download; the end of the body (HTTP/2 `END_STREAM`)
+//! follows only once the agent verified the module, and a download that ends any other way
+//! resets the stream: Envoy never holds a complete body the agent did not verify.
+//!
 //! Owns the HTTP side of serving; which modules are in use is the cache's.
 
 use std::convert::Infallible;
@@ -23,6 +28,8 @@ use metrics::counter;
 use tokio::io::AsyncReadExt;
 use tonic::server::NamedService;
 
+use super::cache::Served;
+use super::growing::Growing;
 use super::Cache;
 use crate::metrics as m;
 
@@ -85,29 +92,94 @@ impl tower::Service<http::Request<tonic::body::Body>> for ModuleService {
         let method = req.method().clone();
         let sha = requested(req.uri().path()).map(str::to_owned);
         Box::pin(async move {
-            let resp = serve(&cache, &method, sha.as_deref()).await;
-            let result = if resp.status().is_success() {
-                "served"
-            } else {
-                "refused"
-            };
+            let (resp, result) = serve(&cache, &method, sha.as_deref()).await;
             counter!(m::MODULE_SERVES, "result" => result).increment(1);
             Ok(resp)
         })
     }
 }
 
-async fn serve(cache: &Cache, method: &http::Method, sha: Option<&str>) -> Response {
+/// The response, and the `result` label: `served` (a file), `streamed` (a download under
+/// way), `refused`.
+async fn serve(
+    cache: &Cache,
+    method: &http::Method,
+    sha: Option<&str>,
+) -> (Response, &'static str) {
     if method != http::Method::GET && method != http::Method::HEAD {
-        return status(http::StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        return (
+            status(http::StatusCode::METHOD_NOT_ALLOWED, "GET only\n"),
+            "refused",
+        );
     }
     let Some(sha) = sha else {
-        return status(http::StatusCode::NOT_FOUND, "no such module\n");
+        return (
+            status(http::StatusCode::NOT_FOUND, "no such module\n"),
+            "refused",
+        );
     };
-    let Some(path) = cache.served_file(sha) else {
-        tracing::debug!(sha256 = %sha, "module asked for is not in use here; not served");
-        return status(http::StatusCode::NOT_FOUND, "module not in use here\n");
-    };
+    match cache.served(sha) {
+        Some(Served::File(path)) => {
+            let r = serve_file(sha, method, path).await;
+            let label = if r.status().is_success() {
+                "served"
+            } else {
+                "refused"
+            };
+            (r, label)
+        }
+        Some(Served::Growing(g)) => {
+            tracing::debug!(sha256 = %sha, bytes = g.size, "serving a module as it downloads");
+            let body = if method == http::Method::HEAD {
+                tonic::body::Body::empty()
+            } else {
+                tonic::body::Body::new(http_body_util::StreamBody::new(growing_chunks(g.clone())))
+            };
+            (with_length(body, g.size), "streamed")
+        }
+        None => {
+            tracing::debug!(sha256 = %sha, "module asked for is not in use here; not served");
+            (
+                status(http::StatusCode::NOT_FOUND, "module not in use here\n"),
+                "refused",
+            )
+        }
+    }
+}
+
+fn with_length(body: tonic::body::Body, len: u64) -> Response {
+    let mut r = http::Response::new(body);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/wasm"),
+    );
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    r
+}
+
+/// A growing module's bytes as they arrive; the stream ends only once it is verified, and
+/// fails (a reset) otherwise.
+fn growing_chunks(
+    g: Arc<Growing>,
+) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send {
+    futures::stream::unfold(Some((g, 0u64)), |state| async move {
+        let (g, offset) = state?;
+        match g.read(offset, CHUNK).await {
+            Ok(Some(bytes)) => {
+                let next = offset + bytes.len() as u64;
+                Some((Ok(Frame::data(bytes)), Some((g, next))))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(sha256 = %g.sha256, error = %e, "stream of a growing module reset");
+                Some((Err(e), None))
+            }
+        }
+    })
+}
+
+async fn serve_file(sha: &str, method: &http::Method, path: PathBuf) -> Response {
     let file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) => {
@@ -125,14 +197,7 @@ async fn serve(cache: &Cache, method: &http::Method, sha: Option<&str>) -> Respo
     } else {
         tonic::body::Body::new(http_body_util::StreamBody::new(chunks(file, path, len)))
     };
-    let mut r = http::Response::new(body);
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/wasm"),
-    );
-    r.headers_mut()
-        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-    r
+    with_length(body, len)
 }
 
 /// The file's `len` bytes in chunks; an error (or a file that shrank) ends the stream with

@@ -127,6 +127,8 @@ pub struct Book {
     /// Agent nonces of background deliveries, with the resource each one healed and the
     /// NACKed nonce it healed for.
     healed: Recent<(String, String, Option<String>)>,
+    /// Envoy's first ECDS request on this stream said it holds ECDS resources already.
+    envoy_had_ecds: bool,
 }
 
 impl Book {
@@ -136,6 +138,17 @@ impl Book {
         if self.nacked.as_ref().is_some_and(|n| n.nonce != nonce) {
             self.nacked = None;
         }
+    }
+
+    /// Whether Envoy came to this stream holding no ECDS resource (a starting Envoy, whose
+    /// listeners wait for their first ECDS response).
+    pub fn envoy_fresh(&self) -> bool {
+        !self.envoy_had_ecds
+    }
+
+    /// Whether `nonce` is the newest ECDS response from upstream.
+    pub fn is_latest(&self, nonce: &str) -> bool {
+        self.latest.as_deref() == Some(nonce)
     }
 
     /// The agent NACKs `nonce` itself, for the resources `failed`; returns the NACK to send
@@ -268,6 +281,7 @@ impl Book {
         });
 
         if nonce.is_empty() {
+            self.envoy_had_ecds |= F::carries_versions(&req);
             // A new stream: ask for everything again (see the module docs).
             F::forget_versions(&mut req);
             self.note_sent::<F>(&req, true);

@@ -106,6 +106,8 @@ pub trait Flavor: Send + Sync + 'static {
     /// Drops the resource versions Envoy says it holds (SotW `version_info`, Delta
     /// `initial_resource_versions`), so the control plane sends everything again.
     fn forget_versions(r: &mut Self::Req);
+    /// Whether a stream's first request says Envoy holds resources of its type already.
+    fn carries_versions(r: &Self::Req) -> bool;
 
     fn resp_type_url(r: &Self::Resp) -> &str;
     fn resp_nonce(r: &Self::Resp) -> &str;
@@ -205,6 +207,9 @@ impl Flavor for Sotw {
     fn forget_versions(r: &mut Self::Req) {
         r.version_info.clear();
     }
+    fn carries_versions(r: &Self::Req) -> bool {
+        !r.version_info.is_empty()
+    }
 
     fn resp_type_url(r: &Self::Resp) -> &str {
         &r.type_url
@@ -299,6 +304,9 @@ impl Flavor for Delta {
     }
     fn forget_versions(r: &mut Self::Req) {
         r.initial_resource_versions.clear();
+    }
+    fn carries_versions(r: &Self::Req) -> bool {
+        !r.initial_resource_versions.is_empty()
     }
 
     fn resp_type_url(r: &Self::Resp) -> &str {

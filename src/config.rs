@@ -183,7 +183,10 @@ pub struct RunArgs {
     /// Envoy's bootstrap cluster that reaches this agent (its ADS cluster; Istio: xds-grpc).
     /// When set, modules of at least --remote-min-bytes are handed to Envoy as a `remote`
     /// source with their sha256, served by the agent on its xDS listener: Envoy fetches the
-    /// verified bytes itself and keeps them in its sha256-keyed code cache. Unset = files.
+    /// verified bytes itself and keeps them in its sha256-keyed code cache, streamed while the
+    /// agent still downloads them (the stream ends only once verified). First loads of a
+    /// starting Envoy only: Envoy 1.40 fetches remote code only while a listener warms, so
+    /// updates go as files. Unset = files.
     #[arg(long, env = "ECDS_AGENT_REMOTE_VIA_CLUSTER", value_name = "CLUSTER",
           value_parser = parse_cluster_name)]
     pub remote_via_cluster: Option<String>,

@@ -125,8 +125,14 @@ impl Fetcher {
             .fetch(u, deadline, &raw.file, &raw.path, &announcer)
             .await?;
         let store = self.store.clone();
+        let raw_path = raw.path.clone();
+        let raw_sha2 = raw_sha.clone();
         let (file, sha) = tokio::task::spawn_blocking(move || {
             let module = unbox::unbox(&store, raw, Boxing::Detect, max)?;
+            // The body itself is the module: it was hashed as it arrived.
+            if module.path == raw_path {
+                return Ok((module, raw_sha2));
+            }
             let (sha, _) = sha256_file(&module.path)
                 .map_err(|e| format!("cannot read {}: {e}", module.path.display()))?;
             Ok::<_, String>((module, sha))
@@ -391,14 +397,16 @@ impl Fetcher {
             counter!(m::CACHE_LOOKUP_COUNT, "hit" => "true").increment(1);
             return Ok((Fetched::Cached(module), provenance));
         }
-        let file = tokio::time::timeout_at(
+        let downloaded = tokio::time::timeout_at(
             deadline,
             self.oci.download(shown, &resolved, &self.store, announcer),
         )
         .await
         .map_err(|_| timeout("pulling the layer"))??;
-        let (file, sha) = tokio::task::spawn_blocking(move || {
-            sha256_file(&file.path).map(|(sha, _)| (file, sha))
+        let (file, known) = downloaded;
+        let (file, sha) = tokio::task::spawn_blocking(move || match known {
+            Some(sha) => Ok((file, sha)),
+            None => sha256_file(&file.path).map(|(sha, _)| (file, sha)),
         })
         .await
         .map_err(|e| io_err(shown, format!("hash task failed: {e}")))?

@@ -732,14 +732,15 @@ impl OciFetcher {
     }
 
     /// Downloads the layer (digest-verified by the client) into a temp file and extracts the
-    /// module into another, streaming.
+    /// module into another, streaming. With the module, its sha256 when the layer itself is
+    /// the module (its digest, checked as it arrived): no second hash.
     pub async fn download(
         &self,
         shown: &str,
         r: &Resolved,
         store: &Store,
         announcer: &Announcer,
-    ) -> Result<TempFile, FetchError> {
+    ) -> Result<(TempFile, Option<String>), FetchError> {
         let mut tried = Vec::new();
         for layer in &r.layers {
             match self.download_layer(shown, r, layer, store, announcer).await {
@@ -769,7 +770,7 @@ impl OciFetcher {
         layer_desc: &OciDescriptor,
         store: &Store,
         announcer: &Announcer,
-    ) -> Result<TempFile, FetchError> {
+    ) -> Result<(TempFile, Option<String>), FetchError> {
         let io = |e: String| FetchError::Io {
             url: shown.to_owned(),
             reason: e,
@@ -824,11 +825,16 @@ impl OciFetcher {
         };
         let boxing = r.extract.boxing();
         let (max, store) = (self.max_bytes, store.clone());
+        let layer_path = layer.path.clone();
         // gunzip and untar are CPU and disk work: off the async threads.
-        tokio::task::spawn_blocking(move || unbox::unbox(&store, layer, boxing, max))
+        let module = tokio::task::spawn_blocking(move || unbox::unbox(&store, layer, boxing, max))
             .await
             .map_err(|e| layout(format!("extraction task failed: {e}")))?
-            .map_err(layout)
+            .map_err(layout)?;
+        let sha = (module.path == layer_path)
+            .then(|| digest.strip_prefix("sha256:").map(str::to_owned))
+            .flatten();
+        Ok((module, sha))
     }
 }
 

@@ -120,10 +120,7 @@ impl Fetcher {
         // With the expected sha256 known, the body is announced as that module while it
         // arrives (if it is boxed, or another module, the flight's end fails the stream).
         let announcer = announcer.expecting(expected);
-        let (raw_sha, _) = self
-            .http
-            .fetch(u, deadline, &raw.file, &raw.path, &announcer)
-            .await?;
+        let (raw_sha, _) = self.http.fetch(u, deadline, &raw.file, &announcer).await?;
         let store = self.store.clone();
         let raw_path = raw.path.clone();
         let raw_sha2 = raw_sha.clone();
@@ -201,13 +198,7 @@ impl Fetcher {
         bundle_url.set_query(None);
         let tmp = self.temp(shown, "bundle").await?;
         self.http
-            .fetch(
-                &bundle_url,
-                deadline,
-                &tmp.file,
-                &tmp.path,
-                &Announcer::default(),
-            )
+            .fetch(&bundle_url, deadline, &tmp.file, &Announcer::default())
             .await
             .map_err(|e| {
                 fail(format!(

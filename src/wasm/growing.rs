@@ -14,7 +14,6 @@
 //! Owns the view of the bytes so far and its end; it does not decide what is verified (the
 //! cache's flight does) nor who may read (the cache's modules in use).
 
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -46,7 +45,7 @@ pub struct Growing {
     pub sha256: String,
     /// The number of bytes.
     pub size: u64,
-    /// The download file, opened for reading when announced (before any rename).
+    /// The download file (a duplicate of the writer's descriptor: renames do not matter).
     file: std::fs::File,
     state: watch::Sender<State>,
 }
@@ -157,22 +156,23 @@ impl Announcer {
         }
     }
 
-    /// The bytes of `path` (being written from the start) are to be the module with the
-    /// expected sha256, `size` bytes long. An earlier announcement fails.
-    pub fn announce_expected(&self, size: u64, path: &Path) {
+    /// The bytes of `file` (opened for reading and writing, being written from the start)
+    /// are to be the module with the expected sha256, `size` bytes long. An earlier
+    /// announcement fails.
+    pub fn announce_expected(&self, size: u64, file: &std::fs::File) {
         if let Some(sha) = self.sha256.clone() {
-            self.announce(&sha, size, path);
+            self.announce(&sha, size, file);
         }
     }
 
-    /// The bytes of `path` (being written from the start) are to be the module `sha256`,
-    /// `size` bytes long. An earlier announcement fails.
-    pub fn announce(&self, sha256: &str, size: u64, path: &Path) {
+    /// The bytes of `file` (opened for reading and writing, being written from the start)
+    /// are to be the module `sha256`, `size` bytes long. An earlier announcement fails.
+    pub fn announce(&self, sha256: &str, size: u64, file: &std::fs::File) {
         let Some(slot) = &self.slot else { return };
-        let file = match std::fs::File::open(path) {
+        let file = match file.try_clone() {
             Ok(f) => f,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot open a download to stream it");
+                tracing::debug!(error = %e, "cannot share a download to stream it");
                 return;
             }
         };
@@ -271,15 +271,24 @@ mod tests {
     async fn readers_get_the_end_only_once_the_flight_verified_the_same_module() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("download");
+        let rw = |p: &std::path::Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)
+                .unwrap()
+        };
         for (gave, verified) in [
             (Some(module("aa", 8)), true),
             (Some(module("bb", 8)), false),
             (Some(module("aa", 7)), false),
             (None, false),
         ] {
-            let mut f = std::fs::File::create(&path).unwrap();
+            let mut f = rw(&path);
             let (a, rx) = Announcer::new();
-            a.announce("aa", 8, &path);
+            a.announce("aa", 8, &f);
             let g = rx.borrow().clone().unwrap();
             let reader = tokio::spawn({
                 let g = g.clone();
@@ -306,11 +315,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("download");
         std::fs::write(&path, b"0123").unwrap();
+        let f = std::fs::File::open(&path).unwrap();
         let (a, rx) = Announcer::new();
         let a = a.expecting(Some("aa"));
-        a.announce_expected(8, &path);
+        a.announce_expected(8, &f);
         let first = rx.borrow().clone().unwrap();
-        a.announce_expected(8, &path);
+        a.announce_expected(8, &f);
         assert!(read_all(&first).await.is_err());
         let second = rx.borrow().clone().unwrap();
         assert!(second.is_live());
@@ -318,14 +328,14 @@ mod tests {
         assert!(!second.is_live());
         assert!(read_all(&second).await.is_err());
         // Verified with bytes missing from the file: never a complete module.
-        a.announce("aa", 8, &path);
+        a.announce("aa", 8, &f);
         let third = rx.borrow().clone().unwrap();
         a.finish(Some(module("aa", 8)));
         assert!(read_all(&third).await.is_err());
         // Disabled: nothing announced.
         let off = Announcer::default();
-        off.announce("aa", 8, &path);
+        off.announce("aa", 8, &f);
         off.finish(None);
-        Announcer::new().0.announce_expected(8, &path);
+        Announcer::new().0.announce_expected(8, &f);
     }
 }

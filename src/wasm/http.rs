@@ -90,7 +90,6 @@ impl HttpFetcher {
         url: &reqwest::Url,
         deadline: Instant,
         sink: &std::fs::File,
-        sink_path: &std::path::Path,
         announcer: &Announcer,
     ) -> Result<(String, u64), FetchError> {
         let shown_io = redact(url.as_str());
@@ -126,7 +125,7 @@ impl HttpFetcher {
                     &shown,
                     remaining.min(self.opts.request_timeout),
                     &mut file,
-                    |size| announcer.announce_expected(size, sink_path),
+                    |size| announcer.announce_expected(size, sink),
                 )
                 .await;
             // A failed attempt's buffered bytes are dropped unwritten; one already on its way

@@ -783,10 +783,12 @@ impl OciFetcher {
         // A module layer's digest is the module's sha256 (unless it turns out boxed, which
         // the flight's end catches): its bytes can be served as they arrive.
         let size = u64::try_from(layer_desc.size).ok().filter(|s| *s > 0);
-        if let (Extract::Module, Some(size), Some(sha)) =
-            (r.extract, size, layer_desc.digest.strip_prefix("sha256:"))
-        {
-            announcer.announce(sha, size, &layer.path);
+        if let (Extract::Module, Some(size), Some(sha)) = (
+            r.extract,
+            size.filter(|s| *s <= self.max_bytes),
+            layer_desc.digest.strip_prefix("sha256:"),
+        ) {
+            announcer.announce(sha, size, &layer.file);
         }
         let mut sink = CappedSink {
             file: tokio::io::BufWriter::with_capacity(

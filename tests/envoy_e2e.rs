@@ -134,33 +134,39 @@ impl Stack {
         chained: bool,
         extra: &[&str],
     ) -> Stack {
+        let wasm = plugin_wasm();
+        let push = push.then_some((&wasm[..], Layout::OciImage));
         Self::start_custom(envoy, api_type, push, chained, extra, |reg| {
-            wasmplugin_yaml(
+            let yaml = wasmplugin_yaml(
                 &reg.url(url_repo),
                 fail,
                 &["ok:test", "YWRtaW4zOmFkbWluMw=="],
-            )
+            );
+            (yaml, None)
         })
         .await
     }
 
-    /// [`Stack::start_with`] with the WasmPlugin the control plane starts with.
+    /// [`Stack::start_with`] with the module pushed as `REPO:1.12.0` (if any), and the
+    /// WasmPlugin the control plane starts with and the insecure registries (default: the
+    /// registry) from `wasmplugin`.
     async fn start_custom(
         envoy: &Path,
         api_type: &str,
-        push: bool,
+        push: Option<(&[u8], Layout)>,
         chained: bool,
         extra: &[&str],
-        wasmplugin: impl FnOnce(&Registry) -> String,
+        wasmplugin: impl FnOnce(&Registry) -> (String, Option<String>),
     ) -> Stack {
         let reg = Registry::plain().await;
-        if push {
-            reg.push(REPO, "1.12.0", &plugin_wasm(), Layout::OciImage)
-                .await;
+        if let Some((wasm, layout)) = push {
+            reg.push(REPO, "1.12.0", wasm, layout).await;
         }
         let dir = tempfile::tempdir().unwrap();
         let yaml = dir.path().join("wasmplugin.yaml");
-        std::fs::write(&yaml, wasmplugin(&reg)).unwrap();
+        let (plugin, insecure) = wasmplugin(&reg);
+        let insecure = insecure.unwrap_or_else(|| reg.addr.clone());
+        std::fs::write(&yaml, plugin).unwrap();
         let (cp_addr, http, page) = (
             if chained {
                 format!("unix:{}", dir.path().join("pilot-agent-XDS").display())
@@ -196,7 +202,7 @@ impl Stack {
         };
         let mut agent_args: Vec<String> = [
             "--insecure-registries",
-            &reg.addr,
+            &insecure,
             "--retry-max-backoff",
             "2s",
         ]
@@ -294,11 +300,11 @@ impl Stack {
     }
 
     /// `curl` of `path` on the agent's xDS socket, in the background: whether the transfer
-    /// ended cleanly, and the body.
+    /// ended cleanly with a success status, and the body.
     fn fetch_from_agent_bg(&self, path: &str) -> std::thread::JoinHandle<(bool, Vec<u8>)> {
         let mut cmd = Command::new("curl");
         cmd.args([
-            "-s",
+            "-sf",
             "--http2-prior-knowledge",
             "--max-time",
             "30",
@@ -629,7 +635,7 @@ async fn streamed_first_load(envoy: &Path, api_type: &str, body: fn(&[u8]) -> Ve
     let s = Stack::start_custom(
         envoy,
         api_type,
-        false,
+        None,
         false,
         &[
             "--remote-via-cluster",
@@ -638,12 +644,13 @@ async fn streamed_first_load(envoy: &Path, api_type: &str, body: fn(&[u8]) -> Ve
             "1048576",
         ],
         |_| {
-            wasmplugin_yaml_sha(
+            let yaml = wasmplugin_yaml_sha(
                 &url,
                 &sha,
                 "FAIL_CLOSE",
                 &["ok:test", "YWRtaW4zOmFkbWluMw=="],
-            )
+            );
+            (yaml, None)
         },
     )
     .await;
@@ -757,8 +764,16 @@ async fn a_streamed_module_that_fails_verification_is_never_complete() {
     })
     .await;
     let (clean, body) = curled;
-    assert!(!clean, "the transfer was reset, not ended");
-    assert!(body.len() < wasm.len() + 1);
+    assert!(
+        !clean,
+        "the transfer was reset (or, once failed, refused), never ended"
+    );
+    assert!(
+        body.len() < wasm.len(),
+        "the last byte waits for the verdict: {} of {} bytes",
+        body.len(),
+        wasm.len()
+    );
     // FAIL_CLOSE: the deny-all stand-in.
     s.until("/productpage", Some(ADMIN3), 403, 30).await;
     assert_eq!(
@@ -778,5 +793,57 @@ async fn a_streamed_module_that_fails_verification_is_never_complete() {
     assert!(
         cp.contains("NACK") && cp.contains("does not match sha256"),
         "the NACK names the mismatch:\n{cp}"
+    );
+}
+
+/// An OCI module layer's digest is the module's sha256: pulled from a slow registry, its bytes
+/// reach a starting Envoy while the agent still pulls them.
+#[tokio::test]
+async fn an_oci_module_layer_is_streamed_on_first_load() {
+    let Some(envoy) = envoy_bin() else { return };
+    let wasm = padded_plugin(2 << 20);
+    let s = Stack::start_custom(
+        &envoy,
+        "GRPC",
+        Some((&wasm, Layout::Artifact)),
+        false,
+        &[
+            "--remote-via-cluster",
+            "xds-grpc",
+            "--remote-min-bytes",
+            "1048576",
+        ],
+        |reg| {
+            // 32 pieces of 64 KiB, 20 ms apart.
+            let proxy = support::throttle::start(&reg.addr, Duration::from_millis(20));
+            let yaml = wasmplugin_yaml(
+                &format!("oci://{proxy}/{REPO}:1.12.0"),
+                "FAIL_CLOSE",
+                &["ok:test", "YWRtaW4zOmFkbWluMw=="],
+            );
+            (yaml, Some(proxy))
+        },
+    )
+    .await;
+    s.until("/productpage", None, 401, 60).await;
+    assert_eq!(s.status("/productpage", Some(OK_TEST)).await, 200);
+    assert_eq!(
+        s.agent
+            .metric("ecds_agent_wasm_deliveries", "source=\"remote\"")
+            .await,
+        1.0
+    );
+    assert!(
+        s.agent
+            .metric("ecds_agent_wasm_module_serves", "result=\"streamed\"")
+            .await
+            >= 1.0,
+        "Envoy was served while the layer was being pulled"
+    );
+    assert_eq!(
+        s.agent
+            .metric("ecds_agent_wasm_streamed_failures", "")
+            .await,
+        0.0
     );
 }

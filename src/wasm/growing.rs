@@ -6,10 +6,10 @@
 //! have (an HTTP download with the expected sha256 and a `Content-Length`, an OCI layer whose
 //! digest is the module's) announces a [`Growing`] through its flight's [`Announcer`] and
 //! signals each write that reaches the file. Readers get the bytes written so far and wait
-//! for more. The end of the bytes is only given once the flight that owns the download has
-//! finished with a module of exactly that sha256 and size — validated, checked against the
+//! for more. The last byte, and the end, are only given once the flight that owns the download
+//! has finished with a module of exactly that sha256 and size — validated, checked against the
 //! policy and in place ([`Announcer::finish`]); any other end is an error for every reader. A
-//! reader never sees unverified bytes as a complete module.
+//! reader never holds an unverified module whole, whatever it trusts (the length, the end).
 //!
 //! Owns the view of the bytes so far and its end; it does not decide what is verified (the
 //! cache's flight does) nor who may read (the cache's modules in use).
@@ -91,12 +91,19 @@ impl Growing {
             if end == End::Failed {
                 return Err(failed());
             }
-            if offset >= self.size {
+            // The last byte waits for the verdict: a client that trusts the length alone
+            // (curl does) never has the whole module before it is verified.
+            let readable = if end == End::Verified {
+                self.size
+            } else {
+                self.size.saturating_sub(1)
+            };
+            if offset >= readable {
                 if end == End::Verified {
                     return Ok(None);
                 }
             } else {
-                let want = max.min(usize::try_from(self.size - offset).unwrap_or(max));
+                let want = max.min(usize::try_from(readable - offset).unwrap_or(max));
                 let me = self.clone();
                 let got = tokio::task::spawn_blocking(move || {
                     use std::os::unix::fs::FileExt;
@@ -301,6 +308,13 @@ mod tests {
             a.wrote();
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             assert!(!reader.is_finished(), "no end before the flight ends");
+            assert_eq!(&g.read(0, 100).await.unwrap().unwrap()[..], b"0123456");
+            assert!(
+                tokio::time::timeout(std::time::Duration::from_millis(20), g.read(7, 1))
+                    .await
+                    .is_err(),
+                "the last byte waits for the verdict"
+            );
             a.finish(gave);
             let got = reader.await.unwrap();
             assert_eq!(got.is_ok(), verified, "{gave:?}");

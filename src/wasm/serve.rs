@@ -9,9 +9,10 @@
 //! sees a short body as complete. The client checks the sha256 (Envoy's `remote.sha256`).
 //!
 //! A module still being downloaded ([`crate::wasm::growing`]) is served as its bytes arrive,
-//! so Envoy's fetch overlaps the agent's download; the end of the body (HTTP/2 `END_STREAM`)
-//! follows only once the agent verified the module, and a download that ends any other way
-//! resets the stream: Envoy never holds a complete body the agent did not verify.
+//! so Envoy's fetch overlaps the agent's download; the last byte and the end of the body
+//! (HTTP/2 `END_STREAM`) follow only once the agent verified the module, and a download that
+//! ends any other way resets the stream: no client holds a complete body the agent did not
+//! verify.
 //!
 //! Owns the HTTP side of serving; which modules are in use is the cache's.
 

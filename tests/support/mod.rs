@@ -6,6 +6,7 @@ pub mod envoy;
 pub mod modsrv;
 pub mod registry;
 pub mod res;
+pub mod throttle;
 pub mod xds;
 
 pub use agent::{free_port, metric_value, proc_mib, proc_status, Agent};

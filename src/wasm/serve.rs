@@ -26,7 +26,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::Frame;
 use metrics::counter;
-use tokio::io::AsyncReadExt;
 use tonic::server::NamedService;
 
 use super::cache::Served;
@@ -159,8 +158,8 @@ fn with_length(body: tonic::body::Body, len: u64) -> Response {
     r
 }
 
-/// A growing module's bytes as they arrive; the stream ends only once it is verified, and
-/// fails (a reset) otherwise.
+/// A module's bytes as they can be read (a growing one: as they arrive); the stream ends only
+/// once it is verified and whole, and fails (a reset) otherwise.
 fn growing_chunks(
     g: Arc<Growing>,
 ) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send {
@@ -181,60 +180,32 @@ fn growing_chunks(
 }
 
 async fn serve_file(sha: &str, method: &http::Method, path: PathBuf) -> Response {
-    let file = match tokio::fs::File::open(&path).await {
+    let opened = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&path)?;
+        let len = f.metadata()?.len();
+        Ok::<_, std::io::Error>((f, len))
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    let (file, len) = match opened {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(sha256 = %sha, error = %e, "cannot open a module to serve it");
             return status(http::StatusCode::NOT_FOUND, "module not in use here\n");
         }
     };
-    let len = match file.metadata().await {
-        Ok(m) => m.len(),
-        Err(_) => return status(http::StatusCode::NOT_FOUND, "module not in use here\n"),
-    };
     tracing::debug!(sha256 = %sha, bytes = len, "serving a module");
+    // A file that shrank while being served ends the stream with an error (a reset), never
+    // short.
     let body = if method == http::Method::HEAD {
         tonic::body::Body::empty()
     } else {
-        tonic::body::Body::new(http_body_util::StreamBody::new(chunks(file, path, len)))
+        tonic::body::Body::new(http_body_util::StreamBody::new(growing_chunks(
+            Growing::complete(sha, file, len),
+        )))
     };
     with_length(body, len)
-}
-
-/// The file's `len` bytes in chunks; an error (or a file that shrank) ends the stream with
-/// an error, so the response is reset rather than ended short.
-fn chunks(
-    file: tokio::fs::File,
-    path: PathBuf,
-    len: u64,
-) -> impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send {
-    futures::stream::unfold((file, len), move |(mut file, left)| {
-        let path = path.clone();
-        async move {
-            if left == 0 {
-                return None;
-            }
-            let want = CHUNK.min(usize::try_from(left).unwrap_or(CHUNK));
-            let mut buf = vec![0u8; want];
-            let mut got = 0;
-            while got < want {
-                match file.read(&mut buf[got..]).await {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(e) => return Some((Err(e), (file, 0))),
-                }
-            }
-            if got < want {
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("{} shrank while being served", path.display()),
-                );
-                return Some((Err(e), (file, 0)));
-            }
-            buf.truncate(got);
-            Some((Ok(Frame::data(Bytes::from(buf))), (file, left - got as u64)))
-        }
-    })
 }
 
 #[cfg(test)]

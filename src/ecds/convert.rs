@@ -140,7 +140,8 @@ pub enum Outcome {
 
 /// A resource delivered while its module downloads: what settling it needs.
 pub struct Provisional {
-    sha256: String,
+    /// The download Envoy was pointed at (its token is in the URL).
+    growing: std::sync::Arc<crate::wasm::growing::Growing>,
     done: Pending,
     job: HealJob,
     standin: Option<Any>,
@@ -148,8 +149,8 @@ pub struct Provisional {
 
 /// How a provisional delivery ended.
 pub enum Settled {
-    /// The module arrived verified: Envoy's fetch completes.
-    Verified,
+    /// The module arrived verified: Envoy's fetch completes; the resource now uses it.
+    Verified { module: Module },
     /// The download gave a verified module, but not the one announced (a boxed body): this
     /// resource is to be delivered again, naming it.
     Replaced { any: Any, module: Module },
@@ -215,6 +216,18 @@ impl Outcome {
                 heal: false,
                 pin: Pin::Release,
                 settles: true,
+            },
+            // A claimed sha256 pins nothing until the download is verified (a pin makes
+            // the module servable); the resource's failures stay until then too.
+            Outcome::Converted {
+                provisional: Some(_),
+                ..
+            } => Plan {
+                deliver: Deliver::Rewritten,
+                nack: false,
+                heal: false,
+                pin: Pin::Keep,
+                settles: false,
             },
             Outcome::Converted { module, .. } => Plan {
                 deliver: Deliver::Rewritten,
@@ -304,10 +317,16 @@ fn wrap(name: &str, typed_config: Any) -> Any {
 }
 
 /// The filter with its code pointed at `module`, delivered as `delivery` says for its size.
-fn rewrite(filter: &WasmFilter, name: &str, module: &Module, delivery: &Delivery) -> Any {
+fn rewrite(
+    filter: &WasmFilter,
+    name: &str,
+    module: &Module,
+    delivery: &Delivery,
+    token: Option<&str>,
+) -> Any {
     let mut filter = filter.clone();
     if let Some(vm) = filter.vm_config_mut() {
-        let (code, source) = code_source(delivery, module);
+        let (code, source) = code_source(delivery, module, token);
         counter!(m::DELIVERIES, "source" => source.label()).increment(1);
         vm.code = Some(code);
     }
@@ -375,7 +394,16 @@ impl Converter {
     /// Converts one resource (an `Any` from an ECDS response) and counts the result.
     pub async fn convert(&self, resource: &Any, load: Load) -> Outcome {
         let outcome = self.convert_inner(resource, load).await;
-        counter!(m::CONVERSION_COUNT, "result" => outcome.result().label()).increment(1);
+        // A provisional delivery is counted when it settles.
+        if !matches!(
+            &outcome,
+            Outcome::Converted {
+                provisional: Some(_),
+                ..
+            }
+        ) {
+            counter!(m::CONVERSION_COUNT, "result" => outcome.result().label()).increment(1);
+        }
         outcome
     }
 
@@ -486,11 +514,13 @@ impl Converter {
         };
         let (module, provisional) = match got {
             Ok(Got::Ready(module)) => (module, None),
-            Ok(Got::Growing { module, done })
-                if self.source_for(&module, load) == Source::Remote =>
-            {
+            Ok(Got::Growing {
+                module,
+                growing,
+                done,
+            }) if self.source_for(&module, load) == Source::Remote => {
                 let provisional = Provisional {
-                    sha256: module.sha256.clone(),
+                    growing,
                     done,
                     job: job.clone(),
                     standin: (self.mode == FailureMode::StandIn)
@@ -504,8 +534,9 @@ impl Converter {
             },
             Err(e) => return failed(e),
         };
+        let token = provisional.as_ref().map(|p| p.growing.token.as_str());
         Outcome::Converted {
-            any: rewrite(&filter, &name, &module, delivery),
+            any: rewrite(&filter, &name, &module, delivery, token),
             name,
             module,
             provisional,
@@ -515,11 +546,22 @@ impl Converter {
     /// Waits for the download behind a provisional delivery and says how it ended.
     pub async fn settle(&self, p: Provisional) -> Settled {
         match p.done.await {
-            Ok(module) if module.sha256 == p.sha256 => Settled::Verified,
-            Ok(module) => Settled::Replaced {
-                any: rewrite(&p.job.filter, &p.job.name, &module, &self.update),
-                module,
-            },
+            // The very download Envoy was pointed at ended verified: its fetch completes.
+            Ok(module) if p.growing.is_verified() && module.sha256 == p.growing.sha256 => {
+                counter!(m::CONVERSION_COUNT, "result" => ConversionResult::Success.label())
+                    .increment(1);
+                Settled::Verified { module }
+            }
+            // A module, but not through the bytes Envoy was streamed (a boxed body, a retried
+            // attempt): delivered again as a file.
+            Ok(module) => {
+                counter!(m::CONVERSION_COUNT, "result" => ConversionResult::Success.label())
+                    .increment(1);
+                Settled::Replaced {
+                    any: rewrite(&p.job.filter, &p.job.name, &module, &self.update, None),
+                    module,
+                }
+            }
             Err(e) => {
                 counter!(m::CONVERSION_COUNT, "result" => ConversionResult::FetchFailure.label())
                     .increment(1);
@@ -554,7 +596,7 @@ impl Converter {
                     counter!(m::CONVERSION_COUNT, "result" => ConversionResult::Success.label())
                         .increment(1);
                     return (
-                        rewrite(&job.filter, &job.name, &module, &self.update),
+                        rewrite(&job.filter, &job.name, &module, &self.update, None),
                         module,
                     );
                 }

@@ -79,9 +79,14 @@ pub fn choose(d: &Delivery, size: u64) -> Source {
     }
 }
 
-/// The code source for `module`, and the kind it is. An inline read that fails, or whose
+/// The code source for `module`, and the kind it is; a remote one names the download
+/// `token` when the module is still being downloaded. An inline read that fails, or whose
 /// bytes do not hash to the module's sha256, falls back to the file (logged).
-pub fn code_source(d: &Delivery, module: &Module) -> (AsyncDataSource, Source) {
+pub fn code_source(
+    d: &Delivery,
+    module: &Module,
+    token: Option<&str>,
+) -> (AsyncDataSource, Source) {
     let local = |s| AsyncDataSource {
         specifier: Some(async_data_source::Specifier::Local(DataSource {
             specifier: Some(s),
@@ -109,7 +114,7 @@ pub fn code_source(d: &Delivery, module: &Module) -> (AsyncDataSource, Source) {
             let cluster = via.cluster.clone();
             let remote = RemoteDataSource {
                 http_uri: Some(HttpUri {
-                    uri: crate::wasm::serve::url_for(&module.sha256),
+                    uri: crate::wasm::serve::url_for(&module.sha256, token),
                     timeout: Some(envoy_types::pb::google::protobuf::Duration {
                         seconds: REMOTE_TIMEOUT.as_secs() as i64,
                         nanos: 0,

@@ -471,8 +471,11 @@ impl<F: Flavor> EcdsSession<F> {
             return Ok(()); // superseded meanwhile
         }
         let (standin, error, reason, heal) = match settled {
-            Settled::Verified => {
+            Settled::Verified { module } => {
                 self.heals.remove(&name);
+                // Verified: now it is the resource's module (pinned, servable as a file).
+                self.conv.cache().pin(self.id, &name, Some(&module.sha256));
+                self.conv.cache().forget_resource(&name);
                 info!(resource = %name, "streamed module verified; Envoy's fetch completes");
                 return Ok(());
             }
@@ -531,14 +534,15 @@ impl<F: Flavor> EcdsSession<F> {
                 reason,
             };
             let message = nack_message(std::slice::from_ref(&failure), 1);
-            let nack = self
-                .book()
-                .agent_nack::<F>(&nonce, message.clone(), &[name]);
-            warn!(%nonce, %reason, %message, "NACK sent to the control plane");
-            counter!(m::NACKS_SENT, "reason" => reason).increment(1);
-            counter!(m::XDS_PROXY_REQUESTS).increment(1);
-            if self.up_tx.send(nack).is_err() {
-                return Err(Gone);
+            // One NACK per nonce: a nonce the agent NACKed already only gains the name.
+            let nack = self.book().late_nack::<F>(&nonce, message.clone(), &[name]);
+            if let Some(nack) = nack {
+                warn!(%nonce, %reason, %message, "NACK sent to the control plane");
+                counter!(m::NACKS_SENT, "reason" => reason).increment(1);
+                counter!(m::XDS_PROXY_REQUESTS).increment(1);
+                if self.up_tx.send(nack).is_err() {
+                    return Err(Gone);
+                }
             }
         }
         if let Some(job) = heal {

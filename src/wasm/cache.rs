@@ -383,7 +383,11 @@ impl Cache {
             Err(e) => Err(e),
         };
         match got.map_err(FetchError::bounded) {
-            Ok(Got::Growing { module, done }) => {
+            Ok(Got::Growing {
+                module,
+                growing,
+                done,
+            }) => {
                 let this = self.clone();
                 let done = async move {
                     let result = done.await.map_err(FetchError::bounded);
@@ -392,7 +396,11 @@ impl Cache {
                 }
                 .boxed()
                 .shared();
-                Ok(Got::Growing { module, done })
+                Ok(Got::Growing {
+                    module,
+                    growing,
+                    done,
+                })
             }
             Ok(ready) => {
                 self.note_outcome(key, None, &opts);
@@ -491,6 +499,7 @@ impl Cache {
         match growing {
             Some(g) => Ok(Got::Growing {
                 module: self.growing_module(&g),
+                growing: g,
                 done: finish,
             }),
             // The flight ended without a live announcement.
@@ -1271,25 +1280,27 @@ impl Cache {
         })
     }
 
-    /// Module `sha` if this process has it in use (pinned by a live resource, or handed out
-    /// moments ago): its file, or the download growing it ([`Cache::get_streaming`]). What
-    /// [`super::serve`] may hand to Envoy's own fetch.
-    pub fn served(&self, sha: &str) -> Option<Served> {
+    /// What [`super::serve`] may hand to Envoy's own fetch of module `sha`: with `token`,
+    /// the live download of that name ([`Cache::get_streaming`] handed it out, and the URL of
+    /// a provisional delivery carries it); else, or once that download ended, the module's
+    /// file if this process has it in use (pinned by a live resource, or handed out moments
+    /// ago) — a claimed sha256 never pins anything before it is verified.
+    pub fn served(&self, sha: &str, token: Option<&str>) -> Option<Served> {
         let st = self.lock();
-        if !st.in_use(sha) {
-            return None;
+        if let Some(token) = token {
+            let growing = st.flights.values().find_map(|f| {
+                f.announced
+                    .borrow()
+                    .as_ref()
+                    .filter(|g| g.sha256 == sha && g.token == token && g.is_live())
+                    .cloned()
+            });
+            if let Some(g) = growing {
+                return Some(Served::Growing(g));
+            }
         }
-        if st.index.modules.contains_key(sha) {
-            return Some(Served::File(self.store.module_path(sha)));
-        }
-        st.flights.values().find_map(|f| {
-            f.announced
-                .borrow()
-                .as_ref()
-                .filter(|g| g.sha256 == sha && g.is_live())
-                .cloned()
-                .map(Served::Growing)
-        })
+        (st.in_use(sha) && st.index.modules.contains_key(sha))
+            .then(|| Served::File(self.store.module_path(sha)))
     }
 
     /// Records that `owner`'s resource `name` uses module `sha` (`None`: uses none).

@@ -121,6 +121,8 @@ impl Fetcher {
         // arrives (if it is boxed, or another module, the flight's end fails the stream).
         let announcer = announcer.expecting(expected);
         let (raw_sha, _) = self.http.fetch(u, deadline, &raw.file, &announcer).await?;
+        // What was streamed is exactly these bytes.
+        announcer.confirm(&raw_sha);
         let store = self.store.clone();
         let raw_path = raw.path.clone();
         let raw_sha2 = raw_sha.clone();

@@ -36,13 +36,23 @@ enum End {
 struct State {
     /// Bumped on every write that reached the file (wakes readers).
     writes: u64,
+    /// The fetcher checked that the bytes written hash to the sha256 (the HTTP body's hash,
+    /// the OCI client's digest check): only then can the end be `Verified`.
+    confirmed: bool,
     end: End,
 }
+
+/// How long a reader waits for the next write before giving up (a stalled download).
+const IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A module being downloaded (see the module docs).
 pub struct Growing {
     /// The sha256 (hex) the bytes must hash to.
     pub sha256: String,
+    /// An unguessable name of this download: the URL handed out for it carries it, so a
+    /// request gets exactly the download its resource was given, never another flight's
+    /// with the same claimed sha256.
+    pub token: String,
     /// The number of bytes.
     pub size: u64,
     /// The download file (a duplicate of the writer's descriptor: renames do not matter).
@@ -70,14 +80,21 @@ impl Growing {
     pub fn complete(sha256: &str, file: std::fs::File, size: u64) -> Arc<Self> {
         let (state, _) = watch::channel(State {
             writes: 0,
+            confirmed: true,
             end: End::Verified,
         });
         Arc::new(Growing {
             sha256: sha256.to_owned(),
+            token: String::new(),
             size,
             file,
             state,
         })
+    }
+
+    /// Whether it ended verified.
+    pub fn is_verified(&self) -> bool {
+        self.state.borrow().end == End::Verified
     }
 
     fn end(&self, end: End) {
@@ -136,9 +153,10 @@ impl Growing {
                     return Err(failed());
                 }
             }
-            if rx.changed().await.is_err() {
-                // The flight is gone without an end: not verified.
-                return Err(failed());
+            match tokio::time::timeout(IDLE, rx.changed()).await {
+                Ok(Ok(())) => {}
+                // The flight is gone without an end, or stalled: not verified.
+                _ => return Err(failed()),
             }
         }
     }
@@ -199,10 +217,12 @@ impl Announcer {
         };
         let (state, _) = watch::channel(State {
             writes: 0,
+            confirmed: false,
             end: End::Open,
         });
         let g = Arc::new(Growing {
             sha256: sha256.to_owned(),
+            token: format!("{:032x}", rand::random::<u128>()),
             size,
             file,
             state,
@@ -226,12 +246,28 @@ impl Announcer {
         }
     }
 
+    /// The fetcher hashed (or had checked) the announced bytes: they hash to `sha256`.
+    pub fn confirm(&self, sha256: &str) {
+        if let Some(g) = self.current() {
+            if g.sha256 == sha256 {
+                g.state.send_modify(|s| s.confirmed = true);
+            } else {
+                g.end(End::Failed);
+            }
+        }
+    }
+
     /// The flight ended, with the module `(sha256, size)` or none: its growing module is
-    /// verified if the flight gave exactly it.
+    /// verified if its bytes were confirmed and the flight gave exactly that module.
     pub fn finish(&self, module: Option<(&str, u64)>) {
         if let Some(g) = self.current() {
+            let confirmed = g.state.borrow().confirmed;
             let same = module.is_some_and(|(sha, size)| sha == g.sha256 && size == g.size);
-            g.end(if same { End::Verified } else { End::Failed });
+            g.end(if same && confirmed {
+                End::Verified
+            } else {
+                End::Failed
+            });
         }
     }
 
@@ -322,6 +358,7 @@ mod tests {
             a.wrote();
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             assert!(!reader.is_finished(), "no end before the flight ends");
+            a.confirm("aa");
             assert_eq!(&g.read(0, 100).await.unwrap().unwrap()[..], b"0123456");
             assert!(
                 tokio::time::timeout(std::time::Duration::from_millis(20), g.read(7, 1))
@@ -358,8 +395,23 @@ mod tests {
         // Verified with bytes missing from the file: never a complete module.
         a.announce("aa", 8, &f);
         let third = rx.borrow().clone().unwrap();
+        a.confirm("aa");
         a.finish(Some(module("aa", 8)));
         assert!(read_all(&third).await.is_err());
+        // Bytes never confirmed to hash to the sha256 (a boxed body): not verified, even
+        // when the flight gave that very module.
+        std::fs::write(&path, b"01234567").unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        a.announce("aa", 8, &f);
+        let fourth = rx.borrow().clone().unwrap();
+        a.finish(Some(module("aa", 8)));
+        assert!(read_all(&fourth).await.is_err() && !fourth.is_verified());
+        // Bytes that hash to something else fail at once.
+        a.announce("aa", 8, &f);
+        let fifth = rx.borrow().clone().unwrap();
+        a.confirm("bb");
+        assert!(!fifth.is_live());
+        assert_ne!(fourth.token, fifth.token);
         // Disabled: nothing announced.
         let off = Announcer::default();
         off.announce("aa", 8, &f);

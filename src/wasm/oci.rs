@@ -808,6 +808,7 @@ impl OciFetcher {
             .pull_blob(&r.reference, layer_desc, &mut sink)
             .await
         {
+            announcer.withdraw();
             if sink.overflowed {
                 return Err(FetchError::TooLarge {
                     url: shown.to_owned(),
@@ -819,6 +820,10 @@ impl OciFetcher {
                 url: shown.to_owned(),
                 reason: format!("layer {}: {}", layer_desc.digest, oci_reason(&e)),
             });
+        }
+        // The client checked the bytes against the layer digest as they arrived.
+        if let Some(sha) = layer_desc.digest.strip_prefix("sha256:") {
+            announcer.confirm(sha);
         }
         let digest = layer_desc.digest.clone();
         let layout = |reason: String| FetchError::Layout {

@@ -97,8 +97,13 @@ pub enum Got {
     Ready(Module),
     /// A module still being downloaded whose sha256 and size are known: `module` says what
     /// it will be (its file is not in place yet); its bytes so far can be served
-    /// (by the `serve` module), and `done` ends with the verified module or the failure.
-    Growing { module: Module, done: Pending },
+    /// (by the `serve` module, under `growing.token`), and `done` ends with the verified
+    /// module or the failure.
+    Growing {
+        module: Module,
+        growing: std::sync::Arc<super::growing::Growing>,
+        done: Pending,
+    },
 }
 
 /// Cache settings.

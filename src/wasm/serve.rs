@@ -38,18 +38,32 @@ const AUTHORITY: &str = "ecds-agent";
 /// Bytes read and sent at a time.
 const CHUNK: usize = 256 << 10;
 
-/// The URL a module is served at.
-pub fn url_for(sha256: &str) -> String {
-    format!("http://{AUTHORITY}/{}/{sha256}", ModuleService::NAME)
+/// The URL a module is served at; with `token`, the download of that name while it lasts
+/// ([`crate::wasm::growing::Growing::token`]).
+pub fn url_for(sha256: &str, token: Option<&str>) -> String {
+    match token {
+        Some(t) => format!("http://{AUTHORITY}/{}/{sha256}/{t}", ModuleService::NAME),
+        None => format!("http://{AUTHORITY}/{}/{sha256}", ModuleService::NAME),
+    }
 }
 
-/// The sha256 named by a request path, if it is one of ours and well formed.
-fn requested(path: &str) -> Option<&str> {
-    let sha = path
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The sha256 and download token named by a request path, if it is one of ours and well
+/// formed.
+fn requested(path: &str) -> Option<(&str, Option<&str>)> {
+    let rest = path
         .strip_prefix('/')?
         .strip_prefix(ModuleService::NAME)?
         .strip_prefix('/')?;
-    (sha.len() == 64 && sha.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(sha)
+    let (sha, token) = match rest.split_once('/') {
+        Some((sha, token)) if is_hex(token, 32) => (sha, Some(token)),
+        Some(_) => return None,
+        None => (rest, None),
+    };
+    is_hex(sha, 64).then_some((sha, token))
 }
 
 /// The service; clone per connection.
@@ -90,9 +104,10 @@ impl tower::Service<http::Request<tonic::body::Body>> for ModuleService {
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let cache = self.cache.clone();
         let method = req.method().clone();
-        let sha = requested(req.uri().path()).map(str::to_owned);
+        let asked = requested(req.uri().path()).map(|(s, t)| (s.to_owned(), t.map(str::to_owned)));
         Box::pin(async move {
-            let (resp, result) = serve(&cache, &method, sha.as_deref()).await;
+            let asked = asked.as_ref().map(|(s, t)| (s.as_str(), t.as_deref()));
+            let (resp, result) = serve(&cache, &method, asked).await;
             counter!(m::MODULE_SERVES, "result" => result).increment(1);
             Ok(resp)
         })
@@ -104,7 +119,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for ModuleService {
 async fn serve(
     cache: &Cache,
     method: &http::Method,
-    sha: Option<&str>,
+    asked: Option<(&str, Option<&str>)>,
 ) -> (Response, &'static str) {
     if method != http::Method::GET && method != http::Method::HEAD {
         return (
@@ -112,13 +127,13 @@ async fn serve(
             "refused",
         );
     }
-    let Some(sha) = sha else {
+    let Some((sha, token)) = asked else {
         return (
             status(http::StatusCode::NOT_FOUND, "no such module\n"),
             "refused",
         );
     };
-    match cache.served(sha) {
+    match cache.served(sha, token) {
         Some(Served::File(path)) => {
             let r = serve_file(sha, method, path).await;
             let label = if r.status().is_success() {
@@ -215,15 +230,27 @@ mod tests {
     #[test]
     fn paths() {
         let sha = "ab".repeat(32);
+        let token = "0f".repeat(16);
         assert_eq!(
             requested(&format!("/ecds-agent.modules/{sha}")),
-            Some(sha.as_str())
+            Some((sha.as_str(), None))
         );
         assert_eq!(
-            url_for(&sha),
+            requested(&format!("/ecds-agent.modules/{sha}/{token}")),
+            Some((sha.as_str(), Some(token.as_str())))
+        );
+        assert_eq!(
+            url_for(&sha, None),
             format!("http://ecds-agent/ecds-agent.modules/{sha}")
         );
+        assert_eq!(
+            url_for(&sha, Some(&token)),
+            format!("http://ecds-agent/ecds-agent.modules/{sha}/{token}")
+        );
         for bad in [
+            format!("/ecds-agent.modules/{sha}/{}", "0f".repeat(15)),
+            format!("/ecds-agent.modules/{sha}/{token}/x"),
+            format!("/ecds-agent.modules/{sha}/"),
             format!("/ecds-agent.modules/{}", "AB".repeat(32)),
             format!("/ecds-agent.modules/{}", "ab".repeat(31)),
             format!("/ecds-agent.modules/../{sha}"),

@@ -176,6 +176,24 @@ impl Book {
         )
     }
 
+    /// A failure of `failed` found after `nonce` was delivered: the NACK to send, unless the
+    /// agent NACKed that nonce already — then its standing NACK also names `failed` (what
+    /// must heal before the nonce is ACKed) and nothing more goes up.
+    pub fn late_nack<F: Flavor>(
+        &mut self,
+        nonce: &str,
+        message: String,
+        failed: &[String],
+    ) -> Option<F::Req> {
+        if self.answered_by_agent.contains(nonce) {
+            if let Some(n) = self.nacked.as_mut().filter(|n| n.nonce == nonce) {
+                n.pending.extend(failed.iter().cloned());
+            }
+            return None;
+        }
+        Some(self.agent_nack::<F>(nonce, message, failed))
+    }
+
     /// The agent delivered the healed resource `name` under its own `nonce`.
     pub fn agent_healed(&mut self, nonce: &str, name: &str) {
         let for_nack = self.nacked.as_ref().map(|n| n.nonce.clone());
@@ -507,6 +525,33 @@ mod tests {
     /// The control plane learns that Envoy runs what the agent NACKed: Envoy's ACK of the
     /// healing delivery goes up as the ACK of the NACKed nonce, once every resource that NACK
     /// named runs; not for an older nonce, not while another resource still fails.
+    #[test]
+    fn a_late_failure_joins_the_standing_nack() {
+        let mut b = Book::default();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let _ = b.envoy_request::<Sotw>(*sotw("", &["a", "b"], None));
+        b.upstream_response("n1");
+        // a failed at conversion, b streamed and failed later: one NACK, both must heal.
+        let _ = b.agent_nack::<Sotw>("n1", "a failed".into(), &names(&["a"]));
+        assert!(b
+            .late_nack::<Sotw>("n1", "b failed".into(), &names(&["b"]))
+            .is_none());
+        b.agent_healed("ecds-agent/1/1", "b");
+        let acked = |b: &mut Book, nonce: &str| {
+            b.envoy_request::<Sotw>(*sotw(nonce, &["a", "b"], None))
+                .up
+                .map(|r| r.response_nonce)
+        };
+        assert_eq!(acked(&mut b, "ecds-agent/1/1"), None, "a still fails");
+        b.agent_healed("ecds-agent/1/2", "a");
+        assert_eq!(acked(&mut b, "ecds-agent/1/2"), Some("n1".into()));
+        // A late failure of a nonce nobody NACKed yet is NACKed (even after Envoy's ACK).
+        b.upstream_response("n2");
+        let _ = acked(&mut b, "n2");
+        let nack = b.late_nack::<Sotw>("n2", "c failed".into(), &names(&["c"]));
+        assert!(nack.is_some_and(|r| r.response_nonce == "n2" && r.error_detail.is_some()));
+    }
+
     #[test]
     fn healing_acks_the_nacked_nonce() {
         let mut b = Book::default();

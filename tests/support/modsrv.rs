@@ -23,6 +23,9 @@ pub struct Route {
     pub trickle: Duration,
     /// Answer only once this turns `true` (a download held open until the test says so).
     pub gate: Option<tokio::sync::watch::Receiver<bool>>,
+    /// With `trickle`: after this many pieces, wait until the receiver turns `true` (a body
+    /// held open half-sent).
+    pub hold_after: Option<(usize, tokio::sync::watch::Receiver<bool>)>,
 }
 
 #[derive(Default)]
@@ -69,9 +72,16 @@ async fn serve(State(inner): State<Arc<Mutex<Inner>>>, Path(path): Path<String>)
         let pause = route.trickle;
         let len = route.body.len();
         let pieces: Vec<Vec<u8>> = route.body.chunks(64 << 10).map(<[u8]>::to_vec).collect();
-        let stream = futures::stream::iter(pieces).then(move |p| async move {
-            tokio::time::sleep(pause).await;
-            Ok::<_, std::io::Error>(p)
+        let hold = route.hold_after.clone();
+        let stream = futures::stream::iter(pieces.into_iter().enumerate()).then(move |(i, p)| {
+            let hold = hold.clone();
+            async move {
+                if let Some((_, mut open)) = hold.filter(|(at, _)| *at == i) {
+                    let _ = open.wait_for(|o| *o).await;
+                }
+                tokio::time::sleep(pause).await;
+                Ok::<_, std::io::Error>(p)
+            }
         });
         return Response::builder()
             .status(200)

@@ -12,6 +12,10 @@
 //! * `secret` — docker config JSON pull secrets
 //! * `credhelper` — docker credential helpers (`credHelpers`, `credsStore`)
 //! * `signature` — cosign signature policy and checks
+//! * `keyless` — sigstore bundles: keyless (Fulcio, Rekor) and managed keys
+//! * `admission` — whether a module may be handed to this request (policy, credentials), pure
+//! * `proofs` — which credentials showed recently that they may pull a repository
+//! * `import` — air-gap import from OCI image layouts and `oci-archive` tars
 //! * `tls`    — extra CA roots and the insecure registry list
 //! * `unbox`  — gzip / tar unwrapping with caps
 //! * `verify` — sha256 and Wasm validation
@@ -21,7 +25,9 @@
 //! * `index`  — the index and its rules as pure functions (lookup, pull policy, merge)
 //! * `flight` — one download per module, in-process and across processes
 //! * `growing` — a module being downloaded, readable as it grows (served before it ends)
-//! * `pipeline` — streaming fetch → unbox → check → validate → store
+//! * `fetch`  — the fetchers' common path: URL in, verified temp file out (no cache state)
+//! * `serve`  — modules in use served to Envoy over its ADS cluster (`remote` delivery)
+//! * `error`  — why a module could not be had (redacted URL and exact cause)
 //! * `view`   — the admin snapshot
 //! * `pins`   — which module each live ECDS resource uses, with use counts
 //! * `retention` — what pins mean for the disk: expiry purge, LRU byte budget, the lease

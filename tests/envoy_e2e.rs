@@ -865,3 +865,173 @@ async fn an_oci_module_layer_is_streamed_on_first_load() {
         0.0
     );
 }
+
+/// What the agent's delivery rules rest on, pinned against Envoy itself (no agent): how
+/// Envoy 1.40 takes an ECDS *update* whose `remote` code it has not cached. Without
+/// `nack_on_code_cache_miss` it ACKs and then runs no module (a fail-closed filter lets
+/// everything through): why the agent hands `remote` only to first loads. With it, Envoy
+/// rejects the update, keeps the running filter and fills its code cache in the background;
+/// the *same* resource sent again is then ACKed but not applied (Envoy dropped it as
+/// unchanged), while one that differs hits the cache and runs. If an Envoy upgrade changes
+/// any of this, this test says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_updates_to_uncached_remote_code_as_the_delivery_rules_assume() {
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    use envoy_types::pb::envoy::extensions::wasm::v3::plugin_config::Vm;
+    use envoy_types::pb::google::protobuf::{Any, StringValue};
+    use prost::{Message, Name};
+    use support::res::{any, plugin_config, tec, Remote};
+    use support::xds::{ecds_resp, CpSotw};
+
+    let Some(envoy_path) = envoy_bin() else {
+        return;
+    };
+    const FILTER: &str = "pinned.basic-auth";
+    let srv = ModuleServer::start().await;
+    // Three distinct modules (padding changes the sha256), none fetched yet.
+    let mods: Vec<(String, String)> = (0..3)
+        .map(|i| {
+            let wasm = padded_plugin(plugin_wasm().len() + 64 * (i + 1));
+            let sha = support::registry::sha256_hex(&wasm);
+            let path = format!("m{i}.wasm");
+            srv.put(&path, wasm);
+            (srv.url(&path), sha)
+        })
+        .collect();
+    let resource = |i: usize, prefix: &str, nack_on_miss: bool| {
+        let rules = serde_json::json!({"basic_auth_rules": [{
+            "prefix": prefix, "request_methods": ["GET"], "credentials": ["ok:test"]}]});
+        let remote = Remote {
+            sha256: mods[i].1.clone(),
+            timeout_secs: 30,
+            cluster: "modules".into(),
+            ..Default::default()
+        };
+        let mut pc = plugin_config(FILTER, &mods[i].0, &remote);
+        pc.root_id = "basic_auth_root".into();
+        pc.configuration = Some(Any {
+            type_url: StringValue::type_url(),
+            value: StringValue {
+                value: rules.to_string(),
+            }
+            .encode_to_vec(),
+        });
+        if let Some(Vm::VmConfig(vm)) = pc.vm.as_mut() {
+            vm.nack_on_code_cache_miss = nack_on_miss;
+        }
+        tec(FILTER, any(&Wasm { config: Some(pc) }))
+    };
+    async fn reply(s: &mut CpSotw) -> (String, Option<String>) {
+        loop {
+            let r = s.recv().await;
+            if r.type_url == support::res::ECDS && !r.response_nonce.is_empty() {
+                return (r.response_nonce, r.error_detail.map(|e| e.message));
+            }
+        }
+    }
+
+    let mut cp = support::ControlPlane::start().await;
+    let xds_port: u16 = cp
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("control plane port");
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let boot = dir.path().join("envoy.yaml");
+    std::fs::write(
+        &boot,
+        support::envoy::ads_bootstrap(FILTER, xds_port, http, free_port(), &srv.addr.to_string()),
+    )
+    .unwrap();
+    let log = dir.path().join("envoy.log");
+    let mut child = support::envoy::spawn(&envoy_path, &boot, &log);
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _kill = Kill(&mut child);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let status = |path: &str| {
+        let (c, url) = (client.clone(), format!("http://127.0.0.1:{http}{path}"));
+        async move {
+            c.get(url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    // Envoy answers 401 on `path` within 20 s (its first load warms the listener).
+    let until_401 = |path: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if status(path).await == 401 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    };
+    let envoy_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let mut s = cp.next_sotw().await;
+    loop {
+        if s.recv().await.type_url == support::res::ECDS {
+            break;
+        }
+    }
+    // A first load fetches: /a is protected.
+    s.send(ecds_resp("1", "n1", vec![resource(0, "/a", false)]));
+    assert_eq!(reply(&mut s).await, ("n1".into(), None));
+    assert!(until_401("/a").await, "{}", envoy_log());
+
+    // An update to uncached code with nack_on_code_cache_miss: rejected, the old filter stays.
+    s.send(ecds_resp("2", "n2", vec![resource(1, "/b", true)]));
+    let (nonce, error) = reply(&mut s).await;
+    assert_eq!(nonce, "n2");
+    assert!(error.is_some(), "a cache miss is a rejection");
+    assert_eq!((status("/a").await, status("/b").await), (401, 200));
+    // Envoy fills its cache in the background.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv.hits("m1.wasm") == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(srv.hits("m1.wasm"), 1, "background fill");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The same resource again: ACKed, yet the old filter still runs.
+    s.send(ecds_resp("3", "n3", vec![resource(1, "/b", true)]));
+    assert_eq!(reply(&mut s).await, ("n3".into(), None));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        (status("/a").await, status("/b").await),
+        (401, 200),
+        "an ACKed copy of a rejected resource is not applied"
+    );
+
+    // A different resource with that module: a code-cache hit, applied.
+    s.send(ecds_resp("4", "n4", vec![resource(1, "/c", true)]));
+    assert_eq!(reply(&mut s).await, ("n4".into(), None));
+    assert!(until_401("/c").await, "{}", envoy_log());
+    assert_eq!(status("/a").await, 200);
+
+    // An update to uncached code without the flag: ACKed, and then no module runs.
+    s.send(ecds_resp("5", "n5", vec![resource(2, "/d", false)]));
+    assert_eq!(reply(&mut s).await, ("n5".into(), None));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        (status("/c").await, status("/d").await),
+        (200, 200),
+        "Envoy 1.40 runs no module after an update to remote code it has not cached"
+    );
+    assert_eq!(srv.hits("m2.wasm"), 0, "and does not even fetch it");
+}

@@ -67,59 +67,6 @@ fn resource(url: &str, sha: &str, prefix: &str) -> Any {
     tec(FILTER, any(&Wasm { config: Some(pc) }))
 }
 
-fn bootstrap(xds_port: u16, http_port: u16, admin_port: u16, modules: &str) -> String {
-    let (mhost, mport) = modules.split_once(':').unwrap_or(("127.0.0.1", "80"));
-    format!(
-        r#"node: {{id: "sidecar~127.0.0.1~bench.default~default.svc.cluster.local", cluster: bench}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
-static_resources:
-  listeners:
-  - name: http
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {http_port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: ok}}}}}}]
-          http_filters:
-          - name: {FILTER}
-            config_discovery:
-              config_source: {{ads: {{}}, resource_api_version: V3, initial_fetch_timeout: 0s}}
-              type_urls: [type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm]
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}}}]}}]
-  - name: modules
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: modules
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {mhost}, port_value: {mport}}}}}}}}}]}}]
-"#
-    )
-}
-
 struct Envoy {
     child: Child,
     log: PathBuf,
@@ -130,7 +77,11 @@ impl Envoy {
     fn start(dir: &Path, xds_port: u16, modules: &str, n: usize) -> Envoy {
         let http = free_port();
         let boot = dir.join(format!("envoy-{n}.yaml"));
-        std::fs::write(&boot, bootstrap(xds_port, http, free_port(), modules)).expect("bootstrap");
+        std::fs::write(
+            &boot,
+            crate::support::envoy::ads_bootstrap(FILTER, xds_port, http, free_port(), modules),
+        )
+        .expect("bootstrap");
         let log = dir.join(format!("envoy-{n}.log"));
         let child = crate::support::envoy::spawn(&crate::support::envoy::path(), &boot, &log);
         Envoy { child, log, http }

@@ -878,9 +878,7 @@ async fn an_oci_module_layer_is_streamed_on_first_load() {
 async fn envoy_takes_updates_to_uncached_remote_code_as_the_delivery_rules_assume() {
     use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
     use envoy_types::pb::envoy::extensions::wasm::v3::plugin_config::Vm;
-    use envoy_types::pb::google::protobuf::{Any, StringValue};
-    use prost::{Message, Name};
-    use support::res::{any, plugin_config, tec, Remote};
+    use support::res::{any, basic_auth_plugin, tec};
     use support::xds::{ecds_resp, CpSotw};
 
     let Some(envoy_path) = envoy_bin() else {
@@ -899,23 +897,7 @@ async fn envoy_takes_updates_to_uncached_remote_code_as_the_delivery_rules_assum
         })
         .collect();
     let resource = |i: usize, prefix: &str, nack_on_miss: bool| {
-        let rules = serde_json::json!({"basic_auth_rules": [{
-            "prefix": prefix, "request_methods": ["GET"], "credentials": ["ok:test"]}]});
-        let remote = Remote {
-            sha256: mods[i].1.clone(),
-            timeout_secs: 30,
-            cluster: "modules".into(),
-            ..Default::default()
-        };
-        let mut pc = plugin_config(FILTER, &mods[i].0, &remote);
-        pc.root_id = "basic_auth_root".into();
-        pc.configuration = Some(Any {
-            type_url: StringValue::type_url(),
-            value: StringValue {
-                value: rules.to_string(),
-            }
-            .encode_to_vec(),
-        });
+        let mut pc = basic_auth_plugin(FILTER, &mods[i].0, &mods[i].1, 30, prefix);
         if let Some(Vm::VmConfig(vm)) = pc.vm.as_mut() {
             vm.nack_on_code_cache_miss = nack_on_miss;
         }

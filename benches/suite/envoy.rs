@@ -16,13 +16,12 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
-use envoy_types::pb::google::protobuf::{Any, StringValue};
-use prost::{Message, Name};
+use envoy_types::pb::google::protobuf::Any;
 
 use crate::fetch::BlobServer;
 use crate::passthrough::rss_mib;
 use crate::report::{self, Sample};
-use crate::support::res::{any, plugin_config, tec, Remote, ECDS};
+use crate::support::res::{any, basic_auth_plugin, tec, ECDS};
 use crate::support::xds::{ecds_resp, CpSotw};
 use crate::support::{free_port, ControlPlane};
 use crate::Mode;
@@ -43,27 +42,7 @@ fn plugin(size: usize) -> Vec<u8> {
 }
 
 fn resource(url: &str, sha: &str, prefix: &str) -> Any {
-    let config = serde_json::json!({"basic_auth_rules": [{
-        "prefix": prefix, "request_methods": ["GET"], "credentials": ["ok:test"]}]});
-    // Envoy's native fetch goes through the `modules` cluster; the agent ignores it.
-    let mut pc = plugin_config(
-        FILTER,
-        url,
-        &Remote {
-            sha256: sha.into(),
-            timeout_secs: 60,
-            cluster: "modules".into(),
-            ..Default::default()
-        },
-    );
-    pc.root_id = "basic_auth_root".into();
-    pc.configuration = Some(Any {
-        type_url: StringValue::type_url(),
-        value: StringValue {
-            value: config.to_string(),
-        }
-        .encode_to_vec(),
-    });
+    let pc = basic_auth_plugin(FILTER, url, sha, 60, prefix);
     tec(FILTER, any(&Wasm { config: Some(pc) }))
 }
 

@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::extensions::filters::network::wasm::v3::Wasm as Netw
 use envoy_types::pb::envoy::extensions::wasm::v3::{
     plugin_config, EnvironmentVariables, FailurePolicy, PluginConfig, VmConfig,
 };
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, StringValue};
 use prost::{Message, Name};
 
 pub const ECDS: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
@@ -200,4 +200,34 @@ pub fn local_filename(a: &Any) -> String {
         })) => f,
         other => panic!("code is not a local file: {other:?}"),
     }
+}
+
+/// The basic-auth plugin (`basic_auth_root`) as `filter`, its code fetched from `url` through
+/// Envoy's `modules` cluster (the agent ignores the cluster), guarding GETs under `prefix` with
+/// `ok:test`.
+pub fn basic_auth_plugin(
+    filter: &str,
+    url: &str,
+    sha256: &str,
+    timeout_secs: i64,
+    prefix: &str,
+) -> PluginConfig {
+    let rules = serde_json::json!({"basic_auth_rules": [{
+        "prefix": prefix, "request_methods": ["GET"], "credentials": ["ok:test"]}]});
+    let remote = Remote {
+        sha256: sha256.into(),
+        timeout_secs,
+        cluster: "modules".into(),
+        ..Default::default()
+    };
+    let mut pc = plugin_config(filter, url, &remote);
+    pc.root_id = "basic_auth_root".into();
+    pc.configuration = Some(Any {
+        type_url: StringValue::type_url(),
+        value: StringValue {
+            value: rules.to_string(),
+        }
+        .encode_to_vec(),
+    });
+    pc
 }

@@ -85,6 +85,38 @@ fn wasmplugin_yaml(url: &str, fail: &str, credentials: &[&str]) -> String {
     )
 }
 
+/// The status of `GET http://{http}{path}` (0 when there is no answer within 5 s).
+async fn status_of(http: &str, path: &str, auth: Option<&str>) -> u16 {
+    let c = reqwest::Client::new();
+    let mut r = c
+        .get(format!("http://{http}{path}"))
+        .timeout(Duration::from_secs(5));
+    if let Some(a) = auth {
+        r = r.header("authorization", a);
+    }
+    r.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+/// Polls `GET path` until it answers `want`; after `secs`, the last status seen.
+async fn until_status(
+    http: &str,
+    path: &str,
+    auth: Option<&str>,
+    want: u16,
+    secs: u64,
+) -> Result<(), u16> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = 0;
+    while Instant::now() < deadline {
+        last = status_of(http, path, auth).await;
+        if last == want {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(last)
+}
+
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -334,27 +366,14 @@ impl Stack {
     }
 
     async fn status(&self, path: &str, auth: Option<&str>) -> u16 {
-        let c = reqwest::Client::new();
-        let mut r = c
-            .get(format!("http://{}{path}", self.http))
-            .timeout(Duration::from_secs(5));
-        if let Some(a) = auth {
-            r = r.header("authorization", a);
-        }
-        r.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+        status_of(&self.http, path, auth).await
     }
 
     /// Polls until `GET path` answers `want` (panics after `secs`).
     async fn until(&self, path: &str, auth: Option<&str>, want: u16, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let mut last = 0;
-        while Instant::now() < deadline {
-            last = self.status(path, auth).await;
-            if last == want {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let Err(last) = until_status(&self.http, path, auth, want, secs).await else {
+            return;
+        };
         panic!(
             "{path} (auth {auth:?}) never answered {want}; last {last}\n--- control plane\n{}\n--- envoy\n{}",
             std::fs::read_to_string(&self.cp_log).unwrap_or_default(),
@@ -903,11 +922,19 @@ async fn envoy_takes_updates_to_uncached_remote_code_as_the_delivery_rules_assum
         }
         tec(FILTER, any(&Wasm { config: Some(pc) }))
     };
-    async fn reply(s: &mut CpSotw) -> (String, Option<String>) {
+    /// Sends `resource` as version `v` (nonce `n{v}`); Envoy's reply: its error, if a NACK.
+    async fn push(
+        s: &mut CpSotw,
+        v: &str,
+        resource: envoy_types::pb::google::protobuf::Any,
+    ) -> Option<String> {
+        let nonce = format!("n{v}");
+        s.send(ecds_resp(v, &nonce, vec![resource]));
         loop {
             let r = s.recv().await;
             if r.type_url == support::res::ECDS && !r.response_nonce.is_empty() {
-                return (r.response_nonce, r.error_detail.map(|e| e.message));
+                assert_eq!(r.response_nonce, nonce, "Envoy replies to the latest push");
+                return r.error_detail.map(|e| e.message);
             }
         }
     }
@@ -928,41 +955,11 @@ async fn envoy_takes_updates_to_uncached_remote_code_as_the_delivery_rules_assum
     )
     .unwrap();
     let log = dir.path().join("envoy.log");
-    let mut child = support::envoy::spawn(&envoy_path, &boot, &log);
-    struct Kill<'a>(&'a mut Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _kill = Kill(&mut child);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let status = |path: &str| {
-        let (c, url) = (client.clone(), format!("http://127.0.0.1:{http}{path}"));
-        async move {
-            c.get(url)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
-        }
-    };
+    let _envoy = Killed(support::envoy::spawn(&envoy_path, &boot, &log));
+    let http = format!("127.0.0.1:{http}");
+    let status = |path: &'static str| status_of(&http, path, None);
     // Envoy answers 401 on `path` within 20 s (its first load warms the listener).
-    let until_401 = |path: &'static str| async move {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if status(path).await == 401 {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        false
-    };
+    let until_401 = |path: &'static str| until_status(&http, path, None, 401, 20);
     let envoy_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
     let mut s = cp.next_sotw().await;
@@ -972,14 +969,11 @@ async fn envoy_takes_updates_to_uncached_remote_code_as_the_delivery_rules_assum
         }
     }
     // A first load fetches: /a is protected.
-    s.send(ecds_resp("1", "n1", vec![resource(0, "/a", false)]));
-    assert_eq!(reply(&mut s).await, ("n1".into(), None));
-    assert!(until_401("/a").await, "{}", envoy_log());
+    assert_eq!(push(&mut s, "1", resource(0, "/a", false)).await, None);
+    assert_eq!(until_401("/a").await, Ok(()), "{}", envoy_log());
 
     // An update to uncached code with nack_on_code_cache_miss: rejected, the old filter stays.
-    s.send(ecds_resp("2", "n2", vec![resource(1, "/b", true)]));
-    let (nonce, error) = reply(&mut s).await;
-    assert_eq!(nonce, "n2");
+    let error = push(&mut s, "2", resource(1, "/b", true)).await;
     assert!(error.is_some(), "a cache miss is a rejection");
     assert_eq!((status("/a").await, status("/b").await), (401, 200));
     // Envoy fills its cache in the background.
@@ -991,8 +985,7 @@ async fn envoy_takes_updates_to_uncached_remote_code_as_the_delivery_rules_assum
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The same resource again: ACKed, yet the old filter still runs.
-    s.send(ecds_resp("3", "n3", vec![resource(1, "/b", true)]));
-    assert_eq!(reply(&mut s).await, ("n3".into(), None));
+    assert_eq!(push(&mut s, "3", resource(1, "/b", true)).await, None);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         (status("/a").await, status("/b").await),
@@ -1001,14 +994,12 @@ async fn envoy_takes_updates_to_uncached_remote_code_as_the_delivery_rules_assum
     );
 
     // A different resource with that module: a code-cache hit, applied.
-    s.send(ecds_resp("4", "n4", vec![resource(1, "/c", true)]));
-    assert_eq!(reply(&mut s).await, ("n4".into(), None));
-    assert!(until_401("/c").await, "{}", envoy_log());
+    assert_eq!(push(&mut s, "4", resource(1, "/c", true)).await, None);
+    assert_eq!(until_401("/c").await, Ok(()), "{}", envoy_log());
     assert_eq!(status("/a").await, 200);
 
     // An update to uncached code without the flag: ACKed, and then no module runs.
-    s.send(ecds_resp("5", "n5", vec![resource(2, "/d", false)]));
-    assert_eq!(reply(&mut s).await, ("n5".into(), None));
+    assert_eq!(push(&mut s, "5", resource(2, "/d", false)).await, None);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         (status("/c").await, status("/d").await),
